@@ -1,0 +1,1 @@
+"""Reward models behind one interface. This package never imports `rlalign`, so a server ships alone."""

@@ -1,0 +1,125 @@
+"""Records that cross process boundaries (sampler -> rewards -> learner -> samplers).
+
+Every tensor here is a CPU tensor (numpy for images), so a record pickles cheaply into Ray's object store.
+Shape letters: B images, G groups (prompts), S trained/branched steps, T denoising steps, C/h/w latents,
+H/W pixels, L text tokens, D text width. This module imports only torch and numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """What one sampler call renders: `B = groups * images_per_prompt` rows, a group = one prompt repeated."""
+
+    prompts: list[str]  # [B]
+    group_ids: Tensor  # [B] int64; equal ids = same prompt (pairs and advantages form inside a group)
+    seeds: Tensor  # [B] int64; per-image noise seed, so any image can be re-rendered exactly
+
+    def __post_init__(self) -> None:
+        if not (len(self.prompts) == len(self.group_ids) == len(self.seeds)):
+            raise ValueError(
+                f"PromptBatch fields disagree: {len(self.prompts)} prompts, {len(self.group_ids)} group ids, "
+                f"{len(self.seeds)} seeds"
+            )
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class StepPairs:
+    """TailorPO branching record: at each branched step, candidates drawn from one shared x_t, ranked.
+
+    Row b, step j: from `x_t[b, j]` (at `timesteps[j]`) the sampler drew k candidates x_{t-1}; `x_w` is the best by
+    the step-wise reward, `x_l` the worst. `x_w` is the sample the trajectory continued from (after reward-gradient
+    guidance for TailorPO-G, in which case `x_w` is the guided x^+). `valid` is False for ties.
+    """
+
+    x_t: Tensor  # [B, S, C, h, w]
+    x_w: Tensor  # [B, S, C, h, w]
+    x_l: Tensor  # [B, S, C, h, w]
+    timesteps: Tensor  # [S] int64, the t of x_t
+    valid: Tensor  # [B, S] bool
+    reward_w: Tensor  # [B, S] float32
+    reward_l: Tensor  # [B, S] float32
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampler call: images plus the denoising trajectory that produced them."""
+
+    prompts: list[str]  # [B]
+    group_ids: Tensor  # [B] int64
+    seeds: Tensor  # [B] int64
+    images: np.ndarray  # [B, H, W, 3] uint8, exactly what reward servers receive
+    latents: Tensor  # [B, T + 1, C, h, w]; latents[:, 0] is x_T, latents[:, -1] the final latent x_0
+    log_probs: Tensor  # [B, T] log p(x_{t-1} | x_t) under the sampling policy (mean over C*h*w)
+    timesteps: Tensor  # [T] int64, the t of each step (latents[:, i] was at timesteps[i])
+    prompt_embeds: Tensor  # [B, L, D] frozen text-encoder output (the learner never re-encodes)
+    negative_embeds: Tensor  # [1, L, D] embedding of the empty prompt (classifier-free guidance)
+    policy_version: int  # version of the WeightsUpdate the sampler held while sampling
+    step_pairs: StepPairs | None = None  # TailorPO / TailorPO-G branching record
+    metrics: dict[str, float] = field(default_factory=dict)  # sampler-side diagnostics (seconds, std per step...)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class ScoredRollouts:
+    """Rollouts of one iteration (all samplers, concatenated) with their final-image rewards."""
+
+    rollout: Rollout
+    scores: Tensor  # [B] float32, weighted sum of (optionally normalised) reward components; higher is better
+    components: dict[str, Tensor]  # name -> [B] raw score of each reward model
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WeightsUpdate:
+    """The learner's LoRA weights, on CPU, with the version number the learner assigned them."""
+
+    version: int
+    tensors: dict[str, Tensor]
+
+
+def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
+    """Concatenate rollouts from several samplers along B; group ids stay unique if each sampler's were."""
+    if not rollouts:
+        raise ValueError("concat_rollouts needs at least one rollout")
+    if len(rollouts) == 1:
+        return rollouts[0]
+    first = rollouts[0]
+    pairs = [r.step_pairs for r in rollouts]
+    step_pairs = None
+    if all(p is not None for p in pairs):
+        ps = [p for p in pairs if p is not None]
+        step_pairs = StepPairs(
+            x_t=torch.cat([p.x_t for p in ps]),
+            x_w=torch.cat([p.x_w for p in ps]),
+            x_l=torch.cat([p.x_l for p in ps]),
+            timesteps=ps[0].timesteps,
+            valid=torch.cat([p.valid for p in ps]),
+            reward_w=torch.cat([p.reward_w for p in ps]),
+            reward_l=torch.cat([p.reward_l for p in ps]),
+        )
+    return replace(
+        first,
+        prompts=[p for r in rollouts for p in r.prompts],
+        group_ids=torch.cat([r.group_ids for r in rollouts]),
+        seeds=torch.cat([r.seeds for r in rollouts]),
+        images=np.concatenate([r.images for r in rollouts]),
+        latents=torch.cat([r.latents for r in rollouts]),
+        log_probs=torch.cat([r.log_probs for r in rollouts]),
+        prompt_embeds=torch.cat([r.prompt_embeds for r in rollouts]),
+        policy_version=min(r.policy_version for r in rollouts),
+        step_pairs=step_pairs,
+        metrics={k: float(np.mean([r.metrics[k] for r in rollouts if k in r.metrics])) for k in first.metrics},
+    )
