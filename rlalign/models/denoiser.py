@@ -1,0 +1,140 @@
+"""The learner's model: a diffusers `UNet2DConditionModel` with a peft LoRA, behind the `DiffusionModel` protocol.
+
+Policy = LoRA on; reference = the same module with adapters disabled (no deep copy); NCP's embedding network =
+the reference stopped at the mid block (ncp.md 5.1). This module may import diffusers/peft; `rlalign.algos`
+reaches it only through `rlalign.algos.common.DiffusionModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _StopAtMid(Exception):
+    """Raised by the mid-block hook to skip the up path; caught inside `UNetDenoiser.embed` only."""
+
+
+def _tuner_layers(unet: nn.Module) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(unet: Any) -> Iterator[None]:
+    """Run the frozen base: `disable_adapters()` ... `enable_adapters()` in try/finally.
+
+    A no-op without adapters, or when they are already disabled (nesting never re-enables them early).
+    """
+    layers = _tuner_layers(unet) if getattr(unet, "_hf_peft_config_loaded", False) else []
+    if not layers or any(getattr(m, "disable_adapters", False) for m in layers):
+        yield
+        return
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def add_lora(
+    unet: Any,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    *,
+    adapter_name: str = "default",
+) -> list[nn.Parameter]:
+    """Freeze the base U-Net and add a fresh LoRA (lora_B = 0, so policy == reference bit-for-bit at step 0).
+
+    Returns the trainable LoRA parameters (what the optimiser gets).
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True),
+        adapter_name=adapter_name,
+    )
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ValueError(f"no LoRA parameters were created: no module of the U-Net matches {list(target_modules)}")
+    return params
+
+
+class UNetDenoiser:
+    """`DiffusionModel` around a diffusers UNet2DConditionModel (+ LoRA) and a DDIMScheduler.
+
+    unet: the U-Net, LoRA already added (see `add_lora`); scheduler: a DDIMScheduler with `set_timesteps(T)`
+    called (the sampling grid); layer: "mid" (output of mid_block) or "down" (its input) for NCP.
+    """
+
+    def __init__(self, unet: Any, scheduler: Any, *, layer: str = "mid") -> None:
+        if layer not in ("mid", "down"):
+            raise ValueError(f"layer must be 'mid' or 'down', got {layer!r}")
+        self.unet = unet
+        self.scheduler = scheduler
+        self.layer = layer
+        device = next(unet.parameters()).device
+        self.alphas_cumprod: Tensor = torch.as_tensor(scheduler.alphas_cumprod).to(device, torch.float64)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(next(self.unet.parameters()).device)
+
+    def _call(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        dtype = self.unet.dtype
+        out = self.unet(x.to(self.device, dtype), t.to(self.device), encoder_hidden_states=cond.to(self.device, dtype))
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, adapters: bool = True) -> Tensor:
+        """eps(x_t, t, cond): x_t [B,C,h,w], t [B] or [], cond [B,L,D] -> [B,C,h,w] float32.
+
+        adapters=False is the frozen reference (wrap the call in torch.no_grad() yourself).
+        """
+        if adapters:
+            return self._call(x_t, t, cond).float()
+        with adapters_disabled(self.unet):
+            return self._call(x_t, t, cond).float()
+
+    def embed(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """NCP's E(x, t, c): frozen base U-Net features at the mid block, fp32 (ncp.md 1.2, 5.1).
+
+        x [n,C,h,w], t [n] or [], cond [n,L,D] -> [n,C_mid,h',w']. Adapters off, autocast off, the up path never
+        runs (a hook raises `_StopAtMid`; it is removed in `finally`). Gradients flow to `x` only: `add_lora`
+        freezes every base weight. Runs in the U-Net's weight dtype (keep learner weights fp32 for NCP, 5.2).
+        """
+        mid = self.unet.mid_block
+        if mid is None:
+            raise ValueError("NCP needs a U-Net with a mid_block")
+        box: dict[str, Tensor] = {}
+
+        def on_mid(_m: nn.Module, _args: Any, output: Any) -> None:
+            box["f"] = output[0] if isinstance(output, tuple) else output
+            raise _StopAtMid
+
+        def before_mid(_m: nn.Module, args: Any, kwargs: Any) -> None:
+            box["f"] = args[0] if args else kwargs["hidden_states"]
+            raise _StopAtMid
+
+        if self.layer == "mid":
+            handle = mid.register_forward_hook(on_mid)
+        else:
+            handle = mid.register_forward_pre_hook(before_mid, with_kwargs=True)
+        try:
+            autocast_off = torch.autocast(device_type=self.device.type, enabled=False)
+            # _StopAtMid is raised by the hook: the up path is skipped
+            with adapters_disabled(self.unet), autocast_off, suppress(_StopAtMid):
+                self._call(x, t, cond)
+        finally:
+            handle.remove()
+        if "f" not in box:
+            raise RuntimeError("the mid-block hook did not fire: U-Net forward never reached mid_block")
+        return box.pop("f").float()

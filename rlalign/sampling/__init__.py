@@ -1,0 +1,1 @@
+"""Sampling: the DDIM policy maths (`logprob.py`, pure torch) and the sampler that renders rollouts."""

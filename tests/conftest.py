@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny seeded U-Net (~50k params, 8x8 latents), SD-like DDIM scheduler, fresh-LoRA denoiser,
+and a synthetic `ScoredRollouts` builder. Nothing downloads (HF_HUB_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from rlalign.types import Rollout, ScoredRollouts, StepPairs
+
+SD_SCHEDULE: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def make_scheduler(steps: int = 10, **overrides: Any) -> Any:
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**{**SD_SCHEDULE, **overrides})
+    sched.set_timesteps(steps)
+    return sched
+
+
+def make_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
+def make_model(steps: int = 10, rank: int = 4, layer: str = "mid") -> Any:
+    from rlalign.models.denoiser import UNetDenoiser, add_lora
+
+    unet = make_unet()
+    add_lora(unet, rank=rank, alpha=float(rank))
+    return UNetDenoiser(unet, make_scheduler(steps), layer=layer)
+
+
+@pytest.fixture
+def tiny_unet() -> Any:
+    return make_unet()
+
+
+@pytest.fixture
+def tiny_scheduler() -> Any:
+    return make_scheduler(10)
+
+
+@pytest.fixture
+def tiny_model() -> Any:
+    """UNetDenoiser with a fresh LoRA (lora_B = 0: policy == reference bit-for-bit)."""
+    return make_model()
+
+
+def randomize_lora(model: Any, scale: float = 0.3, seed: int = 1) -> None:
+    """Give every LoRA B a random value so the policy differs from the reference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_scored(
+    groups: int = 3,
+    per_group: int = 4,
+    steps: int = 10,
+    *,
+    seed: int = 0,
+    with_step_pairs: bool = False,
+    latent: tuple[int, int, int] = (4, 8, 8),
+    text: tuple[int, int] = (3, 8),
+) -> ScoredRollouts:
+    """Synthetic scored rollouts with distinct scores per row (no ties), SD-like timesteps 10 steps."""
+    g = torch.Generator().manual_seed(seed)
+    b = groups * per_group
+    sched = make_scheduler(steps)
+    timesteps = sched.timesteps.clone().long()
+    latents = torch.randn((b, steps + 1, *latent), generator=g)
+    step_pairs = None
+    if with_step_pairs:
+        step_pairs = StepPairs(
+            x_t=latents[:, :-1].clone(),
+            x_w=latents[:, 1:].clone(),
+            x_l=torch.randn((b, steps, *latent), generator=g),
+            timesteps=timesteps,
+            valid=torch.ones(b, steps, dtype=torch.bool),
+            reward_w=torch.ones(b, steps),
+            reward_l=torch.zeros(b, steps),
+        )
+    embeds = torch.randn((groups, *text), generator=g).repeat_interleave(per_group, 0)
+    rollout = Rollout(
+        prompts=[f"prompt {i // per_group}" for i in range(b)],
+        group_ids=torch.arange(groups).repeat_interleave(per_group),
+        seeds=torch.arange(b),
+        images=np.zeros((b, 8, 8, 3), dtype=np.uint8),
+        latents=latents,
+        log_probs=torch.randn((b, steps), generator=g),
+        timesteps=timesteps,
+        prompt_embeds=embeds,
+        negative_embeds=torch.zeros((1, *text)),
+        policy_version=0,
+        step_pairs=step_pairs,
+    )
+    scores = torch.randperm(b, generator=g).float()
+    return ScoredRollouts(rollout=rollout, scores=scores, components={"fake": scores})
