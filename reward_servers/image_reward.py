@@ -100,13 +100,13 @@ class ImageRewardModel(TorchReward):
 
     @classmethod
     def from_dir(cls, path: str | Path | None, device: str = "cpu") -> ImageRewardModel:
-        import ImageReward as RM
-
         d = require_dir(path, "image_reward", NEEDS)
         weights = require_file(d, ["ImageReward.pt"], "image_reward", "the THUDM/ImageReward checkpoint")
         med = require_file(d, ["med_config.json"], "image_reward", "BLIP's med_config.json (THUDM/ImageReward)")
         tok_dir = d / "bert-base-uncased" if (d / "bert-base-uncased").is_dir() else d
         require_file(tok_dir, ["vocab.txt"], "image_reward", "the bert-base-uncased tokenizer vocab.txt")
+        import ImageReward as RM  # after the file checks: a missing file is named even where the import is slow
+
         with _local_bert_tokenizer(tok_dir):
             model = RM.load(str(weights), device=str(device), med_config=str(med))
         return cls(model, device)
