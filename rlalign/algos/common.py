@@ -121,3 +121,18 @@ def guided_eps(
     both = model.predict(torch.cat([x_t, x_t]), t2, torch.cat([uncond.expand(b, -1, -1), cond]), adapters=adapters)
     e_u, e_c = both.chunk(2)
     return e_u + guidance_scale * (e_c - e_u)
+
+
+def batch_to(batch: B, device: torch.device | str) -> B:
+    """Every tensor field of a Batch NamedTuple moved to `device` (no-op for tensors already there)."""
+    return type(batch)(*(v.to(device) if isinstance(v, Tensor) else v for v in batch))
+
+
+def model_device(model: DiffusionModel) -> torch.device:
+    """Where the model's schedule lives; algorithms move their batch there before calling the model."""
+    return model.alphas_cumprod.device
+
+
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """mean((a - b)^2) over non-batch dims, in fp32: [N,C,h,w] x2 -> [N] (Diffusion-DPO's denoising error)."""
+    return ((a.float() - b.float()) ** 2).mean(dim=tuple(range(1, a.ndim)))

@@ -61,8 +61,9 @@ def _rows(timestep: Tensor | int, batch: int, device: torch.device) -> Tensor:
 
 def prev_timestep(scheduler: Any, t: Tensor | int) -> Tensor:
     """Previous grid timestep, diffusers' rule: `t - num_train_timesteps // num_inference_steps` (may be < 0)."""
-    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    return torch.as_tensor(t).long() - stride
+    stride = int(scheduler.config.num_train_timesteps // scheduler.num_inference_steps)
+    out: Tensor = torch.as_tensor(t).long() - stride
+    return out
 
 
 def alpha_bars(scheduler: Any, timestep: Tensor | int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
