@@ -79,9 +79,11 @@ def _image_reward(
 
 
 def _digit_prompt(path: str | None = None, device: str = "cpu", tiny: bool = False, **options: Any) -> RewardModel:
-    # Written by another engineer (reward_servers/digit_prompt.py); only its `from_dir(path)` is relied on here.
-    cls = _attr("reward_servers.digit_prompt", "DigitPromptReward")
-    return cls.from_dir(path, **options)
+    # Written by another engineer (reward_servers/digit_prompt.py); only its `from_dir(path, **kwargs)` is used here.
+    from reward_servers.weights import require_dir
+
+    d = require_dir(path, "digit_prompt", "'config.json' + 'model.safetensors' written by DigitClassifier.save", False)
+    return _attr("reward_servers.digit_prompt", "DigitPromptReward").from_dir(d, device=device, **options)
 
 
 def _http(
@@ -126,7 +128,12 @@ REWARDS: dict[str, RewardSpec] = {
         True,
         "ImageReward.pt + med_config.json + bert-base-uncased vocab.txt",
     ),
-    "digit_prompt": RewardSpec(_digit_prompt, "does the image show the digit the prompt names", False, "see module"),
+    "digit_prompt": RewardSpec(
+        _digit_prompt,
+        "p(digit named in the prompt | image), small digit classifier",
+        True,
+        "config.json + model.safetensors (DigitClassifier.save)",
+    ),
     "http": RewardSpec(_http, "any reward behind `python -m reward_servers.serve` (option url=)", False, ""),
 }
 

@@ -14,7 +14,7 @@ class MissingWeightsError(FileNotFoundError):
     """A reward model's weights directory, or a file in it, is missing. The message names the file and its source."""
 
 
-def require_dir(path: str | Path | None, reward: str, needs: str) -> Path:
+def require_dir(path: str | Path | None, reward: str, needs: str, has_tiny: bool = True) -> Path:
     """Return `path` as a Path, or raise MissingWeightsError saying which directory `reward` needs and what goes in.
 
     needs: human-readable list of the files, e.g. "open_clip_pytorch_model.bin (OpenAI CLIP ViT-L/14) and ...".
@@ -22,7 +22,8 @@ def require_dir(path: str | Path | None, reward: str, needs: str) -> Path:
     if path is None:
         raise MissingWeightsError(
             f"reward {reward!r} loads real weights from a local directory; pass path=DIR (serve: --path DIR) "
-            f"holding {needs}. For a random-weights test build pass tiny=True (serve: --tiny)."
+            f"holding {needs}."
+            + (" For a random-weights test build pass tiny=True (serve: --tiny)." if has_tiny else "")
         )
     p = Path(path).expanduser()
     if not p.is_dir():
