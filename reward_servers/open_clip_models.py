@@ -142,14 +142,18 @@ class AestheticScore(_OpenClipReward):
         return self.head(self.embed_images(pixels))[:, 0]
 
     @classmethod
-    def from_dir(cls, path: str | Path | None, device: str = "cpu") -> AestheticScore:
-        needs = f"{OPEN_CLIP_FILES[1]!r} (open_clip ViT-L-14, OpenAI weights) and {AESTHETIC_HEAD_FILE!r}"
+    def from_dir(
+        cls, path: str | Path | None, device: str = "cpu", arch: str = "ViT-L-14", quick_gelu: bool = True
+    ) -> AestheticScore:
+        """The head was trained on OpenAI ViT-L/14 embeddings: keep the defaults except in tests."""
+        needs = f"{OPEN_CLIP_FILES[1]!r} (open_clip {arch}, OpenAI weights) and {AESTHETIC_HEAD_FILE!r}"
         d = require_dir(path, "aesthetic", needs)
-        ckpt = require_file(d, OPEN_CLIP_FILES, "aesthetic", "the open_clip ViT-L-14 checkpoint (OpenAI weights)")
+        ckpt = require_file(d, OPEN_CLIP_FILES, "aesthetic", f"the open_clip {arch} checkpoint (OpenAI weights)")
         head_file = require_file(d, [AESTHETIC_HEAD_FILE], "aesthetic", "the LAION aesthetic predictor head")
-        head = AestheticMLP(768)
+        model = build_open_clip(arch, ckpt, quick_gelu, device)
+        head = AestheticMLP(model.visual.output_dim)
         head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
-        return cls(build_open_clip("ViT-L-14", ckpt, True, device), head, device)
+        return cls(model, head, device)
 
     @classmethod
     def build_tiny(cls, device: str = "cpu", seed: int = 0) -> AestheticScore:
@@ -170,13 +174,16 @@ class HPSv2(_OpenClipReward):
         return (self.embed_images(pixels) * self.embed_prompts(prompts)).sum(dim=-1)
 
     @classmethod
-    def from_dir(cls, path: str | Path | None, device: str = "cpu", version: str | None = None) -> HPSv2:
+    def from_dir(
+        cls, path: str | Path | None, device: str = "cpu", version: str | None = None, arch: str = "ViT-H-14"
+    ) -> HPSv2:
+        """version: "v2.1" / "v2" picks the file (default: v2.1 when both exist). HPS v2 is ViT-H-14 (arch: tests)."""
         if version is not None and version not in HPS_FILES:
             raise ValueError(f"hpsv2 version must be one of {sorted(HPS_FILES)}, got {version!r}")
         files = [HPS_FILES[version]] if version else list(HPS_FILES.values())  # v2.1 first when both exist
         d = require_dir(path, "hpsv2", " or ".join(repr(f) for f in files))
         ckpt = require_file(d, files, "hpsv2", "the HPS v2 checkpoint (open_clip ViT-H-14 state dict)")
-        return cls(build_open_clip("ViT-H-14", ckpt, False, device), open_clip_tokenizer("ViT-H-14"), device)
+        return cls(build_open_clip(arch, ckpt, False, device), open_clip_tokenizer(arch), device)
 
     @classmethod
     def build_tiny(cls, device: str = "cpu", seed: int = 0) -> HPSv2:

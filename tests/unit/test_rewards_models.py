@@ -92,3 +92,51 @@ def test_clip_preprocess_resizes_crops_and_normalises() -> None:
     torch.testing.assert_close(
         clip_preprocess(z, 32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), torch.zeros(1, 3, 32, 32)
     )
+
+
+# ------------------------------------------------------------------ real-weights loading code, on a tiny arch
+
+TINY_ARCH = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Register a tiny open_clip architecture so `from_dir` runs its real loading path on small files."""
+    import json
+
+    import open_clip
+
+    d = tmp_path_factory.mktemp("open_clip_cfg")
+    (d / "rlalign-tiny-test.json").write_text(json.dumps(TINY_ARCH))
+    open_clip.add_model_config(d)
+    return "rlalign-tiny-test"
+
+
+def test_open_clip_models_load_checkpoints_from_dir(tiny_arch: str, tmp_path: Path) -> None:
+    imgs = _images()
+    source = ClipScore.build_tiny(seed=3)  # same architecture as TINY_ARCH (quick_gelu=False)
+    sd = source.model.state_dict()
+    # open_clip checkpoint as published (plain state dict)
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    loaded = ClipScore.from_dir(tmp_path, arch=tiny_arch, quick_gelu=False)
+    np.testing.assert_allclose(loaded.score(imgs, PROMPTS), source.score(imgs, PROMPTS), rtol=1e-5)
+    # HPS layout: {"state_dict": ...} with DDP's "module." prefixes
+    hps_dir = tmp_path / "hps"
+    hps_dir.mkdir()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, hps_dir / "HPS_v2_compressed.pt")
+    hps = HPSv2.from_dir(hps_dir, arch=tiny_arch)
+    np.testing.assert_allclose(hps.score(imgs, PROMPTS), source.score(imgs, PROMPTS), rtol=1e-5)
+    # aesthetic: open_clip checkpoint + the head's state dict (keys layers.0 ... layers.7)
+    aes_source = AestheticScore.build_tiny(seed=3)
+    torch.save(aes_source.head.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    aes = AestheticScore.from_dir(tmp_path, arch=tiny_arch, quick_gelu=False)
+    np.testing.assert_allclose(aes.score(imgs, PROMPTS), aes_source.score(imgs, PROMPTS), rtol=1e-5)
+
+
+def test_aesthetic_head_keys_match_the_published_file() -> None:
+    keys = set(AestheticScore.build_tiny().head.state_dict())
+    assert keys == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
