@@ -106,16 +106,18 @@ class Batcher:
                 await self._run_batch(batch, n)
 
     async def _run_batch(self, batch: list[_Job], n: int) -> None:
-        images = np.concatenate([j.images for j in batch])
-        prompts = [p for j in batch for p in j.prompts]
-        try:
+        try:  # nothing may escape: an exception here would end the worker and leave every later request waiting
+            images = np.concatenate([j.images for j in batch])
+            prompts = [p for j in batch for p in j.prompts]
             if batch[0].kind == "score":
                 result: Any = (await asyncio.to_thread(self.model.score, images, prompts),)
             else:
                 result = await asyncio.to_thread(self.model.score_and_grad, images, prompts)  # type: ignore[attr-defined]
-            arrays = [np.asarray(r) for r in result]
+            arrays = [np.asarray(r, dtype=np.float32) for r in result]
             if any(len(a) != len(images) for a in arrays):
                 raise RuntimeError(f"model returned {[a.shape for a in arrays]} for {len(images)} images")
+            if not np.isfinite(arrays[0]).all():
+                raise RuntimeError("model returned non-finite scores")
         except Exception as e:  # every request in the batch gets the error
             log.exception("model call failed")
             for j in batch:

@@ -268,12 +268,20 @@ def test_model_errors_become_422_or_500_and_server_survives() -> None:
                 raise ValueError("too small")
             if prompts[0] == "crash":
                 raise RuntimeError("boom")
+            if prompts[0] == "nan":
+                return np.full(len(images), np.nan, np.float32)
+            if prompts[0] == "short":
+                return np.zeros(len(images) - 1, np.float32)
             return super().score(images, prompts)
 
     with serve_in_thread(make_app(Picky())) as url:
         assert post(url, npz_body(brightness_images([1]), ["refuse"]), auth=None).status_code == 422
         r = post(url, npz_body(brightness_images([1]), ["crash"]), auth=None)
         assert r.status_code == 500 and "boom" in r.json()["detail"]
+        r = post(url, npz_body(brightness_images([1]), ["nan"]), auth=None)
+        assert r.status_code == 500 and "non-finite" in r.json()["detail"]
+        r = post(url, npz_body(brightness_images([1, 2]), ["short", "x"]), auth=None)
+        assert r.status_code == 500 and "for 2 images" in r.json()["detail"]
         assert post(url, npz_body(brightness_images([255]), ["ok"]), auth=None).json()["scores"] == [1.0]
 
 
