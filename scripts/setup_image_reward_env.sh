@@ -25,5 +25,5 @@ fi
     fastapi uvicorn numpy pillow
 
 # Fail here, not in the first request, if the set does not import together.
-"$VENV/bin/python" -c "import ImageReward, fastapi, uvicorn, numpy, PIL, torch; print('image-reward env ok:', torch.__version__)"
+"$VENV/bin/python" -W ignore::UserWarning -c "import ImageReward, fastapi, uvicorn, numpy, PIL, torch; print('image-reward env ok:', torch.__version__)"
 echo "ImageReward env ready: $VENV"
