@@ -129,3 +129,34 @@ def make_scored(
     )
     scores = torch.randperm(b, generator=g).float()
     return ScoredRollouts(rollout=rollout, scores=scores, components={"fake": scores})
+
+
+def lora_params(model: Any) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.unet.named_parameters() if "lora_" in n]
+
+
+def adam_step(model: Any, loss_fn: Any, lr: float = 1e-3) -> float:
+    """One Adam step on the LoRA parameters for the scalar `loss_fn()`; returns the loss before the step."""
+    opt = torch.optim.Adam(lora_params(model), lr=lr)
+    loss = loss_fn()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def run_algo(algo: Any, model: Any, batch: Any, cfg: Any) -> Any:
+    """LossOutput of one registered algorithm on `batch`."""
+    return algo.loss(algo.forward(model, batch, cfg), cfg)
+
+
+def microbatch_mean(algo: Any, model: Any, batch: Any, cfg: Any, size: int) -> torch.Tensor:
+    """Row-weighted mean of micro-batch losses (what the learner accumulates)."""
+    from rlalign.algos.common import num_rows, slice_rows
+
+    n = num_rows(batch)
+    parts = []
+    for lo in range(0, n, size):
+        mb = slice_rows(batch, lo, min(lo + size, n))
+        parts.append(run_algo(algo, model, mb, cfg).loss * (num_rows(mb) / n))
+    return torch.stack(parts).sum()

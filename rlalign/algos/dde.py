@@ -175,13 +175,14 @@ def build_batch(scored: ScoredRollouts, cfg: DDECfg, generator: torch.Generator)
     """Pure: best vs worst pairs; renoise: shared t ~ U[t_min, t_max] and noise; trajectory: shared grid index."""
     x0_w, x0_l, cond_w, cond_l = pair_final_latents(scored, cfg.min_reward_gap)
     p = x0_w.shape[0]
-    noise = torch.randn(x0_w.shape, generator=generator, dtype=torch.float32)
-    if cfg.state_source == "renoise":
+    if cfg.state_source == "renoise":  # same draws, same order as diffusion_dpo: uniform weight == Diffusion-DPO
         t = torch.randint(cfg.t_min, cfg.t_max + 1, (p,), generator=generator)
+        noise = torch.randn(x0_w.shape, generator=generator, dtype=torch.float32)
         return DDEBatch(x0_w, x0_l, cond_w, cond_l, t, noise, None, None)
     r = scored.rollout
     win, lose = best_vs_worst(r.group_ids, scored.scores, cfg.min_reward_gap)
     k = torch.randint(0, r.timesteps.shape[0], (p,), generator=generator)  # latents[:, k] is at timesteps[k]
+    noise = torch.zeros(x0_w.shape)  # unused: eps_tgt comes from the stored state
     return DDEBatch(x0_w, x0_l, cond_w, cond_l, r.timesteps[k].long(), noise, r.latents[win, k], r.latents[lose, k])
 
 

@@ -10,6 +10,8 @@ noise, x_pol / x_ref / x_tgt; the frozen base U-Net's mid-block features E(., t-
     NCP-CPO: L = -mean log sigmoid(-beta (d_pol_w - d_pol_l)) + lambda * beta * mean(d_pol_w)
     NCP-SFT: L = mean(d_pol_w)                                    (losers and the reference never computed)
 
+E runs on the target, reference and policy rows in three same-sized calls (not one stacked no-grad call as
+ncp.md suggests), so a fresh LoRA gives f_ref == f_pol bit-for-bit and the loss is exactly ln 2.
 Choices (ncp.md, unconfirmed): t in [1, 999]; layer mid; target_mode prev; CPO's NLL weight lambda = 10 (the
 authors' code has 0); beta multiplies the logits directly (as diffusion_dpo). Feature maps are compared in fp32.
 Shapes: P pairs, C/h/w latents, F feature maps [n, C_f, h_f, w_f]. Imports only torch and rlalign.
@@ -136,14 +138,11 @@ def ncp_forward(model: DiffusionModel, batch: NCPBatch, cfg: NCPCfg, *, need_ref
     s, x_tgt = _pred_and_target(ac, cfg.target_mode, x_t, x0, t, eps, z, s_uni)
     x_pol = _predicted(ac, cfg.target_mode, model.predict(x_t, t, cond, adapters=True), x_t, t, z, s_uni)
     with torch.no_grad():
-        inputs = [x_tgt]
-        if need_ref:
+        f_tgt = model.embed(x_tgt, s, cond)
+        f_ref = None
+        if need_ref:  # a separate E call of the policy's batch size: at init f_ref == f_pol bit-for-bit (ln 2)
             e_ref = model.predict(x_t, t, cond, adapters=False)
-            inputs.append(_predicted(ac, cfg.target_mode, e_ref, x_t, t, z, s_uni))
-        n = len(inputs)
-        feats = model.embed(torch.cat(inputs), s.repeat(n), cond.repeat(n, 1, 1))
-        f_tgt = feats[: x0.shape[0]]
-        f_ref = feats[x0.shape[0] :] if need_ref else None
+            f_ref = model.embed(_predicted(ac, cfg.target_mode, e_ref, x_t, t, z, s_uni), s, cond)
     d_pol = feature_distance(model.embed(x_pol, s, cond), f_tgt, cfg.feature_norm)
     d_ref = feature_distance(f_ref, f_tgt, cfg.feature_norm) if f_ref is not None else None
     if not need_loser:
