@@ -51,6 +51,10 @@ class RewardServer:
     def differentiable(self) -> bool:
         return bool(getattr(self.model, "differentiable", False))
 
+    def info(self) -> dict[str, object]:
+        """Name and capabilities (a method, so remote callers can ask a Ray actor)."""
+        return {"name": self.model.name, "differentiable": self.differentiable, "max_batch": self.max_batch}
+
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """[B, H, W, 3] uint8 -> [B] float32, in request order."""
         check_images(images, prompts)

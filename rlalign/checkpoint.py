@@ -1,0 +1,90 @@
+"""Checkpoint layout, `latest` pointer, keep-last-k rotation, resume lookup.
+
+    runs/<name>/ckpt/iter_000010/
+        adapter_model.safetensors   peft LoRA state (what the learner reloads)
+        diffusers_lora/             the same LoRA in diffusers format: pipe.load_lora_weights(this_dir)
+        optimizer.pt, learner.json  optimiser, learner RNG, weights version
+        state.json                  iteration, weights version, prompt cursor, reward normaliser state
+        config.yaml                 the resolved run config
+    runs/<name>/ckpt/latest         text file naming the newest complete checkpoint
+
+A checkpoint is written into `iter_XXXXXX.tmp` and renamed when complete, and `latest` is replaced atomically,
+so an interrupted save never leaves a broken `latest`. Rotation deletes only older complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CKPT_DIR = "ckpt"
+LATEST = "latest"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / CKPT_DIR
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:06d}"
+
+
+def staging_dir(run_dir: Path, iteration: int) -> Path:
+    """Where a checkpoint is written before `commit` makes it visible."""
+    path = checkpoint_root(run_dir) / (checkpoint_name(iteration) + ".tmp")
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def commit(run_dir: Path, staged: Path, iteration: int, state: dict[str, Any], config_yaml: str,
+           keep_last: int) -> Path:
+    """Write state.json + config.yaml, rename the staged dir into place, point `latest` at it, rotate."""
+    (staged / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    (staged / "config.yaml").write_text(config_yaml)
+    final = checkpoint_root(run_dir) / checkpoint_name(iteration)
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
+    tmp = checkpoint_root(run_dir) / (LATEST + ".tmp")
+    tmp.write_text(final.name + "\n")
+    os.replace(tmp, checkpoint_root(run_dir) / LATEST)
+    rotate(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp")
+                  and (p / "state.json").is_file())
+
+
+def rotate(run_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path:
+    """`latest` -> the checkpoint the pointer names; otherwise `resume` is a checkpoint directory."""
+    if resume == LATEST:
+        pointer = checkpoint_root(run_dir) / LATEST
+        if not pointer.is_file():
+            raise FileNotFoundError(f"resume=latest but {pointer} does not exist: no checkpoint was saved in {run_dir}")
+        path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    else:
+        path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no state.json)")
+    return path
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,271 @@
+"""Typed run configuration: dataclasses are the schema and the defaults; YAML files hold differences only.
+
+`load_config(path, overrides)` merges `RunCfg()` <- YAML file <- `a.b=value` overrides with OmegaConf's structured
+mode, so an unknown key or a wrong type fails at load with a message naming the key and the file. The defaults
+describe the embedded digits run (`rlalign train` with no file). Algorithm sections are the dataclasses that live
+beside each algorithm in `rlalign/algos/` (one typed section per method; a method reads only its own section).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlalign.algos.dde import DDECfg
+from rlalign.algos.ddpo import DDPOCfg
+from rlalign.algos.diffusion_dpo import DiffusionDPOCfg
+from rlalign.algos.ncp import NCPCfg
+from rlalign.algos.tailorpo import TailorPOCfg
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the file that caused it in the message."""
+
+
+@dataclass
+class ModelCfg:
+    kind: str = "digits"  # digits (embedded, built on first use) | sd15 (a local diffusers StableDiffusion dir)
+    path: str | None = None  # local diffusers pipeline dir; None with kind=digits uses the cached embedded model
+    cache_dir: str | None = None  # where the embedded model is built; None: $RLALIGN_CACHE or ~/.cache/rlalign
+    dtype: str = "float32"  # float32 | bfloat16 | float16 for sampler/learner U-Net weights (maths stays fp32)
+    device: str = "auto"  # auto (cuda if the actor has a GPU, else cpu) | cpu | cuda
+
+
+@dataclass
+class LoraCfg:
+    rank: int = 16
+    alpha: float = 16.0
+    # U-Net modules that get adapters; attention alone is weak on the digits model (digits-calibration.md)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    )
+
+
+@dataclass
+class PromptsCfg:
+    source: str = "digits"  # digits (all digits x templates) | file (one prompt per line)
+    path: str | None = None  # prompt file for source=file
+    eval_path: str | None = None  # held-out prompts for evaluation (source=file); None reuses the training prompts
+
+
+@dataclass
+class SamplerCfg:
+    num_workers: int = 1  # sampler actors
+    num_cpus: float = 1.0  # per sampler actor
+    num_gpus: float = 0.0  # per sampler actor; 0 keeps it on CPU
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {node2: 1}
+    prompts_per_worker: int = 8  # groups per sampler call
+    images_per_prompt: int = 4  # group size; pairs and advantages form inside a group
+    num_steps: int = 20  # DDIM steps
+    eta: float = 1.0  # DDIM eta; > 0 so every step has a log-probability
+    guidance_scale: float = 3.0  # classifier-free guidance w
+    batch_size: int = 64  # U-Net rows per forward inside a sampler call (memory bound)
+
+
+@dataclass
+class RewardSpec:
+    name: str = MISSING  # registered reward name (reward_servers.registry), e.g. digit_prompt, jpeg, aesthetic, http
+    weight: float = 1.0
+    path: str | None = None  # local weights dir (digit_prompt: None uses the embedded model's classifier)
+    url: str | None = None  # for name=http: base URL of a reward server
+    token: str | None = None  # bearer token for name=http
+    normalize: str = "none"  # none | running | group
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the model
+
+
+@dataclass
+class RewardCfg:
+    models: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="digit_prompt")])
+    # what TailorPO's step-wise reward looks at: x0_hat (one-step prediction), noisy (x_{t-1} itself), final
+    target: str = "x0_hat"
+    timeout_s: float = 120.0  # a reward call slower than this is an error naming the reward
+
+
+@dataclass
+class LearnerCfg:
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 32  # training rows per forward/backward; losses are averaged exactly over the batch
+    epochs: int = 1  # passes over each iteration's batch
+    optimizer_steps: int = 1  # optimiser steps per pass (the batch is split into this many shuffled chunks)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RayCfg:
+    address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port joins a cluster
+    mode: str = "sync"  # sync | async (samplers render iteration k+1 while the learner trains on k)
+    max_policy_lag: int = 1  # async: a rollout may be at most this many LoRA versions behind
+    num_cpus: int | None = None  # embedded Ray: CPUs to offer (None: the machine's)
+    include_dashboard: bool = False
+    placement_strategy: str = "PACK"  # PACK | SPREAD for the sampler placement group
+    call_timeout_s: float = 600.0  # an actor call slower than this is reported as a dead/hung actor
+
+
+@dataclass
+class EvalCfg:
+    every: int = 0  # evaluate every N iterations (0: only before and after training)
+    images_per_prompt: int = 2  # held-out images per eval prompt
+    seed: int = 10_000_000  # eval seeds start here: never used by training
+
+
+@dataclass
+class LogCfg:
+    image_every: int = 5  # image grid every N iterations (0: never)
+    save_every: int = 10  # checkpoint every N iterations (0: only at the end)
+    keep_last: int = 3  # checkpoints kept
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "rlalign"
+
+
+@dataclass
+class RunCfg:
+    name: str = "digits"  # run directory name under out_dir
+    out_dir: str = "runs"
+    seed: int = 0
+    iterations: int = 30
+    algo: str = "tailorpo"  # a name from rlalign.algos.ALGORITHMS
+    resume: str | None = None  # None | latest | a checkpoint directory
+    model: ModelCfg = field(default_factory=ModelCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    prompts: PromptsCfg = field(default_factory=PromptsCfg)
+    sampler: SamplerCfg = field(default_factory=SamplerCfg)
+    reward: RewardCfg = field(default_factory=RewardCfg)
+    learner: LearnerCfg = field(default_factory=LearnerCfg)
+    ray: RayCfg = field(default_factory=RayCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    tailorpo: TailorPOCfg = field(default_factory=TailorPOCfg)
+    dde: DDECfg = field(default_factory=DDECfg)
+    diffusion_dpo: DiffusionDPOCfg = field(default_factory=DiffusionDPOCfg)
+    ncp: NCPCfg = field(default_factory=NCPCfg)
+    ddpo: DDPOCfg = field(default_factory=DDPOCfg)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kind": ("digits", "sd15"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.device": ("auto", "cpu", "cuda"),
+    "prompts.source": ("digits", "file"),
+    "reward.target": ("x0_hat", "noisy", "final"),
+    "ray.mode": ("sync", "async"),
+    "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+}
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RunCfg:
+    """Defaults <- YAML file <- `a.b=value` overrides; raises ConfigError naming the bad key and its source."""
+    merged = OmegaConf.structured(RunCfg)
+    if path is not None:
+        merged = _merge(merged, _load_yaml(Path(path)), source=str(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command-line override {bad[0]!r} must look like key.sub=value")
+    if overrides:
+        merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), source="command line")
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, RunCfg)
+    validate(cfg)
+    return cfg
+
+
+def _load_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in several types; all mean the same to the user
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+
+
+def _merge(base: Any, update: Any, *, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: bad config key {key!r}: {reason}") from err
+
+
+def validate(cfg: RunCfg) -> None:
+    """Check values the type system cannot; raise ConfigError naming the key."""
+    from rlalign.algos import ALGORITHMS  # here, not at module top: keeps import order simple for algos
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"config key {key!r}: {msg}")
+
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in allowed:
+            fail(key, f"got {value!r}, expected one of {', '.join(allowed)}")
+    if cfg.algo not in ALGORITHMS:
+        fail("algo", f"unknown algorithm {cfg.algo!r}; choose from {', '.join(sorted(ALGORITHMS))}")
+    if cfg.iterations < 0:
+        fail("iterations", "must be >= 0")
+    s = cfg.sampler
+    for key, value in (
+        ("sampler.num_workers", s.num_workers),
+        ("sampler.prompts_per_worker", s.prompts_per_worker),
+        ("sampler.images_per_prompt", s.images_per_prompt),
+        ("sampler.num_steps", s.num_steps),
+        ("learner.micro_batch_size", cfg.learner.micro_batch_size),
+        ("lora.rank", cfg.lora.rank),
+    ):
+        if value < 1:
+            fail(key, f"must be >= 1, got {value}")
+    if s.eta <= 0:
+        fail("sampler.eta", f"must be > 0 so every DDIM step has a log-probability, got {s.eta}")
+    algo = ALGORITHMS[cfg.algo]
+    if not algo.needs_step_pairs and s.images_per_prompt < 2:
+        fail("sampler.images_per_prompt", f"{cfg.algo} pairs or normalises inside a group: need >= 2")
+    if not cfg.reward.models:
+        fail("reward.models", "at least one reward model is needed")
+    for i, spec in enumerate(cfg.reward.models):
+        if spec.normalize not in ("none", "running", "group"):
+            fail(f"reward.models.{i}.normalize", f"got {spec.normalize!r}, expected none, running or group")
+        if spec.name == "http" and not spec.url:
+            fail(f"reward.models.{i}.url", "a reward with name=http needs url (e.g. http://127.0.0.1:8000)")
+    if cfg.model.kind != "digits" and not cfg.model.path:
+        fail("model.path", f"model.kind={cfg.model.kind} needs a local diffusers directory in model.path")
+    if cfg.model.path and not Path(cfg.model.path).expanduser().is_dir():
+        fail("model.path", f"directory {cfg.model.path} does not exist (rlalign never downloads weights)")
+    if cfg.prompts.source == "file" and not (cfg.prompts.path and Path(cfg.prompts.path).is_file()):
+        fail("prompts.path", f"prompts.source=file needs an existing prompt file, got {cfg.prompts.path!r}")
+    if cfg.ray.max_policy_lag < 0:
+        fail("ray.max_policy_lag", "must be >= 0")
+
+
+def to_yaml(cfg: RunCfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunCfg, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+
+
+def summary(cfg: RunCfg) -> dict[str, int]:
+    """Derived sizes printed at start-up."""
+    per_call = cfg.sampler.prompts_per_worker * cfg.sampler.images_per_prompt
+    return {
+        "images_per_sampler_call": per_call,
+        "images_per_iteration": per_call * cfg.sampler.num_workers,
+        "groups_per_iteration": cfg.sampler.prompts_per_worker * cfg.sampler.num_workers,
+    }

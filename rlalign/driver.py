@@ -1,0 +1,295 @@
+"""Stage (6): the loop. prompts -> samplers -> rewards -> learner -> LoRA weights back to the samplers.
+
+Sync mode: each iteration samples with the newest weights. Async mode: samplers render iteration k+1 while the
+learner trains on k, so the slower of the two sets the pace; every rollout carries the weights version it used and
+the driver enforces `ray.max_policy_lag`. The driver is the only writer of metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rlalign import checkpoint as ckpt
+from rlalign.actors import ActorFailure, Workers, gather, init_ray, spawn_workers
+from rlalign.config import RunCfg, save_config, summary, to_yaml
+from rlalign.evaluation import Evaluator
+from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
+from rlalign.models.loading import resolve_model_dir
+from rlalign.prompts import PromptSource, PromptSourceState, eval_batches
+from rlalign.types import Rollout, concat_rollouts
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    iterations_done: int
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    last_checkpoint: Path | None = None
+
+
+def prepare_run_dir(cfg: RunCfg) -> Path:
+    """A fresh directory unless resuming: an existing run's files are never overwritten."""
+    run_dir = cfg.run_dir
+    if cfg.resume is None and run_dir.exists() and any(run_dir.iterdir()):
+        n = 2
+        while (run_dir.parent / f"{run_dir.name}-{n}").exists():
+            n += 1
+        run_dir = run_dir.parent / f"{run_dir.name}-{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
+    console = console or Console()
+    start = time.perf_counter()
+    if cfg.resume is not None and cfg.resume != ckpt.LATEST:
+        ckpt.resolve_resume(cfg.run_dir, cfg.resume)  # fail before any work when the path is wrong
+    run_dir = prepare_run_dir(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    console.print(f"[bold]rlalign[/] run [cyan]{run_dir}[/]  algo={cfg.algo}  mode={cfg.ray.mode}  "
+                  + "  ".join(f"{k}={v}" for k, v in summary(cfg).items()))
+    model_dir = str(resolve_model_dir(cfg.model, progress=True))
+    started = init_ray(cfg)
+    workers: Workers | None = None
+    sink = MetricSink(run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                      wandb_project=cfg.log.wandb_project, config=json.loads(json.dumps(_plain(cfg))))
+    try:
+        workers = spawn_workers(cfg, model_dir)
+        loop = Loop(cfg, workers, sink, run_dir, model_dir, console)
+        result = loop.run()
+    finally:
+        sink.close()
+        _write_curve(run_dir)
+        if workers is not None:
+            workers.kill()
+        if started:
+            ray.shutdown()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _plain(cfg: RunCfg) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def _write_curve(run_dir: Path) -> None:
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_reward_curve(rows, run_dir / "reward_curve.png")
+
+
+class Loop:
+    def __init__(self, cfg: RunCfg, workers: Workers, sink: MetricSink, run_dir: Path, model_dir: str,
+                 console: Console) -> None:
+        self.cfg, self.w, self.sink, self.run_dir, self.console = cfg, workers, sink, run_dir, console
+        self.timeout = cfg.ray.call_timeout_s
+        self.prompts = PromptSource(cfg.prompts, seed=cfg.seed)
+        self.evaluator = Evaluator(model_dir) if cfg.model.kind == "digits" else None
+        self.start_iter = 0
+        self.version = 0  # learner's weights version, as last reported
+        self.sampler_version = 0
+        self.last_ckpt: Path | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _resume(self) -> None:
+        if self.cfg.resume is None:
+            return
+        path = ckpt.resolve_resume(self.cfg.run_dir, self.cfg.resume)
+        state = ckpt.read_state(path)
+        self.version = int(gather([self.w.learner.load.remote(str(path))], self.timeout, "learner")[0])
+        self.prompts.state = PromptSourceState(**state["prompts"])
+        self.w.rewards.load_state_dict(state.get("reward_stats", {}))
+        self.start_iter = int(state["iteration"]) + 1
+        self.console.print(f"resumed from {path} (iteration {state['iteration']}, weights v{self.version})")
+
+    def _broadcast(self) -> None:
+        """One object-store copy of the learner's LoRA, read by every sampler; all must confirm the version."""
+        t0 = time.perf_counter()
+        ref = self.w.learner.export_weights.remote()
+        versions = gather([s.load_weights.remote(ref) for s in self.w.samplers], self.timeout, "sampler weight load")
+        if len(set(versions)) != 1:
+            raise ActorFailure(f"samplers hold different weight versions after a broadcast: {versions}")
+        self.sampler_version = versions[0]
+        self._sync_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, iteration: int, tag: str) -> dict[str, float]:
+        cfg = self.cfg
+        batches = eval_batches(cfg.prompts, cfg.eval.images_per_prompt, cfg.eval.seed, len(self.w.samplers))
+        rollouts = gather([s.generate.remote(b, branch=False) for s, b in zip(self.w.samplers, batches)],
+                          self.timeout, "sampler (evaluation)")
+        images = np.concatenate([r.images for r in rollouts])
+        prompts = [p for r in rollouts for p in r.prompts]
+        comps = self.w.rewards.components(images, prompts)
+        out = {f"eval/{k}/mean": float(v.mean()) for k, v in comps.items()}
+        if self.evaluator is not None:
+            out.update(self.evaluator.metrics(images, prompts))
+        save_image_grid(images[:40], prompts[:40], self.run_dir / "images" / f"eval_{tag}_iter_{iteration:06d}.png")
+        return out
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        self._resume()
+        self._broadcast()
+        result = RunResult(self.run_dir, self.start_iter)
+        result.before = self.evaluate(self.start_iter, "before")
+        self.sink.log(self.start_iter, result.before)
+        self.console.print("before: " + _fmt(result.before))
+        it = self.start_iter
+        try:
+            with _progress(self.console) as progress:
+                task = progress.add_task("training", total=cfg.iterations, completed=self.start_iter, stats="")
+                pending = self._launch() if it < cfg.iterations else None
+                while it < cfg.iterations:
+                    metrics, pending = self._iteration(it, pending)
+                    if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
+                        if pending is not None:  # keep evaluation on the newest weights, not mid-flight ones
+                            self._drain(pending)
+                            pending = None
+                        metrics.update(self.evaluate(it, "mid"))
+                    self.sink.log(it, metrics)
+                    if cfg.log.save_every and (it + 1) % cfg.log.save_every == 0:
+                        self._save(it)
+                    progress.update(task, advance=1, stats=_progress_stats(metrics))
+                    it += 1
+                    result.iterations_done = it
+                    if pending is None and it < cfg.iterations:
+                        pending = self._launch()
+        except KeyboardInterrupt:
+            self.console.print("[yellow]interrupted: saving a checkpoint before stopping[/]")
+            self._save_quietly(it - 1)
+            raise
+        except ActorFailure:
+            self._save_quietly(it - 1)
+            raise
+        if cfg.iterations > self.start_iter:
+            self._save(cfg.iterations - 1)
+        result.last_checkpoint = self.last_ckpt
+        result.after = self.evaluate(cfg.iterations, "after")
+        self.sink.log(cfg.iterations, result.after)
+        self.console.print("after:  " + _fmt(result.after))
+        return result
+
+    def _launch(self) -> list[Any]:
+        batches = self.prompts.next(self.cfg.sampler.prompts_per_worker, self.cfg.sampler.images_per_prompt,
+                                    len(self.w.samplers))
+        self._launched_at = time.perf_counter()
+        return [s.generate.remote(b) for s, b in zip(self.w.samplers, batches)]
+
+    def _drain(self, pending: list[Any]) -> None:
+        gather(pending, self.timeout, "sampler")
+
+    def _iteration(self, it: int, pending: list[Any]) -> tuple[dict[str, float], list[Any] | None]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rollouts: list[Rollout] = gather(pending, self.timeout, "sampler")
+        t_sample = time.perf_counter() - self._launched_at
+        rollout = concat_rollouts(rollouts)
+        lag = self.version - min(r.policy_version for r in rollouts)
+        if lag > cfg.ray.max_policy_lag:
+            raise ActorFailure(f"policy lag {lag} exceeds ray.max_policy_lag={cfg.ray.max_policy_lag}")
+        overlap = cfg.ray.mode == "async" and cfg.ray.max_policy_lag >= 1 and it + 1 < cfg.iterations
+        next_pending = self._launch() if overlap else None  # samplers render k+1 while we score and learn k
+        t1 = time.perf_counter()
+        scored = self.w.rewards.score_rollout(rollout)
+        t_reward = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        metrics = gather([self.w.learner.update.remote(scored)], self.timeout, "learner")[0]
+        t_learn = time.perf_counter() - t2
+        self.version = int(metrics.get("learner/version", self.version))
+        self._broadcast()  # in async mode this queues behind the in-flight generate on each sampler
+        elapsed = time.perf_counter() - t0
+        metrics.update(scored.metrics)
+        metrics.update({k: v for k, v in rollout.metrics.items() if not k.startswith("sampler/std/")}
+                       if it > 0 else rollout.metrics)
+        metrics.update({
+            "sampler/policy_lag": float(lag),
+            "sampler/version": float(rollout.policy_version),
+            "time/sample_s": t_sample,
+            "time/reward_s": t_reward,
+            "time/learn_s": t_learn,
+            "time/sync_s": self._sync_s,
+            "time/iteration_s": elapsed,
+            "throughput/images_per_s": len(rollout) / max(elapsed, 1e-9),
+        })
+        if rollout.step_pairs is not None:
+            metrics["tailorpo/valid_pair_frac"] = float(rollout.step_pairs.valid.float().mean())
+            metrics["tailorpo/step_reward_gap"] = float((rollout.step_pairs.reward_w - rollout.step_pairs.reward_l)
+                                                        .mean())
+        if cfg.log.image_every and it % cfg.log.image_every == 0:
+            n = min(32, len(rollout))
+            caps = [f"{p[:18]} {s:.2f}" for p, s in zip(rollout.prompts[:n], scored.scores[:n].tolist())]
+            save_image_grid(rollout.images[:n], caps, self.run_dir / "images" / f"train_iter_{it:06d}.png")
+        return metrics, next_pending
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, iteration: int) -> Path:
+        staged = ckpt.staging_dir(self.run_dir, iteration)
+        gather([self.w.learner.save.remote(str(staged))], self.timeout, "learner (checkpoint)")
+        state = {
+            "iteration": iteration,
+            "weights_version": self.version,
+            "prompts": vars(self.prompts.state).copy(),
+            "reward_stats": self.w.rewards.state_dict(),
+            "seed": self.cfg.seed,
+        }
+        self.last_ckpt = ckpt.commit(self.run_dir, staged, iteration, state, to_yaml(self.cfg), self.cfg.log.keep_last)
+        return self.last_ckpt
+
+    def _save_quietly(self, iteration: int) -> None:
+        if iteration < self.start_iter:
+            return
+        try:
+            path = self._save(iteration)
+            self.console.print(f"checkpoint saved to {path}")
+        except Exception as err:  # the learner may be the actor that died; earlier checkpoints stay intact
+            self.console.print(f"[red]could not save a final checkpoint ({err}); earlier checkpoints are intact[/]")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[stats]}"), console=console, transient=False)
+
+
+def _progress_stats(m: dict[str, float]) -> str:
+    parts = [
+        f"img/s {m.get('throughput/images_per_s', float('nan')):.1f}",
+        f"reward {m.get('reward/weighted/mean', float('nan')):.3f}",
+        f"loss {m.get('loss/total', float('nan')):.4f}",
+        f"lag {int(m.get('sampler/policy_lag', 0))}",
+    ]
+    return "  ".join(parts)
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if math.isfinite(v))
+
+
+def summary_table(result: RunResult) -> Table:
+    table = Table(title=f"rlalign run {result.run_dir}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for key in sorted(set(result.before) | set(result.after)):
+        b, a = result.before.get(key, float("nan")), result.after.get(key, float("nan"))
+        pct = key.endswith("accuracy")
+        fmt = (lambda v: f"{100 * v:.1f} %") if pct else (lambda v: f"{v:.4f}")
+        change = f"{100 * (a - b):+.1f} pts" if pct else f"{a - b:+.4f}"
+        table.add_row(key, fmt(b), fmt(a), change)
+    return table

@@ -1,0 +1,166 @@
+"""Stage (5): the learner owns the LoRA U-Net and the optimiser; the algorithm owns the maths.
+
+A plain class: `rlalign/actors.py` makes it an actor. `update(scored)` builds the algorithm's batch, cuts it into
+micro-batches (each loss weighted by its share of rows, so accumulation gives exactly the full-batch mean), takes
+`optimizer_steps` AdamW steps, and bumps the weights version. The reference model is the same U-Net with the
+adapter disabled, so no second copy is held.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from rlalign.algos import get_algorithm
+from rlalign.algos.common import num_rows, slice_rows
+from rlalign.config import RunCfg
+from rlalign.models.denoiser import UNetDenoiser
+from rlalign.models.loading import DiffusionParts
+from rlalign.types import ScoredRollouts, WeightsUpdate
+
+LORA_FILE = "adapter_model.safetensors"
+
+
+class Learner:
+    def __init__(self, cfg: RunCfg, make_parts: Callable[[], DiffusionParts], *, seed: int = 0) -> None:
+        self.run_cfg, self.cfg = cfg, cfg.learner
+        self.algo = get_algorithm(cfg.algo)
+        self.algo_cfg = getattr(cfg, self.algo.cfg_key)
+        self.parts = make_parts()
+        self.parts.unet.train()
+        self.model = UNetDenoiser(self.parts.unet, self.parts.scheduler, **self._denoiser_kwargs())
+        self.params = [p for n, p in self.parts.unet.named_parameters() if "lora_" in n]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.AdamW(
+            self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, eps=self.cfg.adam_eps
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.version = 0
+        self.updates = 0
+
+    def _denoiser_kwargs(self) -> dict[str, Any]:
+        layer = getattr(self.run_cfg.ncp, "layer", None)
+        return {"layer": layer} if layer else {}
+
+    # ------------------------------------------------------------------ training
+    def update(self, scored: ScoredRollouts) -> dict[str, float]:
+        """One learning step on an iteration's scored rollouts; returns detached float metrics."""
+        start = time.perf_counter()
+        batch = self.algo.build_batch(scored, self.algo_cfg, self.generator)
+        rows = num_rows(batch) if batch is not None else 0
+        metrics: dict[str, float] = {"learner/rows": float(rows)}
+        if rows == 0:  # every group tied: nothing to learn from, weights stay as they are
+            metrics["learner/skipped"] = 1.0
+            return metrics
+        steps = max(1, min(self.cfg.optimizer_steps, rows))
+        bounds = np.linspace(0, rows, steps + 1).round().astype(int)
+        sums: dict[str, float] = {}
+        losses: list[float] = []
+        grad_norms: list[float] = []
+        for _ in range(self.cfg.epochs):
+            order = torch.randperm(rows, generator=self.generator) if steps > 1 else None
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                chunk = _take(batch, order[lo:hi]) if order is not None else batch
+                loss, chunk_metrics = self._accumulate(chunk)
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)))
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                losses.append(loss)
+                for k, v in chunk_metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        n = len(losses)
+        metrics.update({k: v / n for k, v in sums.items()})
+        metrics["loss/total"] = float(np.mean(losses))
+        metrics["loss/first"] = losses[0]  # before any step this iteration: ln 2 at iteration 0 for DPO losses
+        metrics["learner/grad_norm"] = float(np.mean(grad_norms))
+        metrics["time/learn_s"] = time.perf_counter() - start
+        self.version += 1
+        self.updates += 1
+        metrics["learner/version"] = float(self.version)
+        if not all(math.isfinite(v) for v in (metrics["loss/total"], metrics["learner/grad_norm"])):
+            raise FloatingPointError(f"non-finite loss or gradient at update {self.updates}: {metrics}")
+        return metrics
+
+    def _accumulate(self, batch: Any) -> tuple[float, dict[str, float]]:
+        """Forward/backward over micro-batches; returns the chunk's mean loss and row-weighted metrics."""
+        rows = num_rows(batch)
+        size = self.cfg.micro_batch_size
+        total, metrics = 0.0, {}
+        for lo in range(0, rows, size):
+            mb = slice_rows(batch, lo, min(lo + size, rows))
+            share = num_rows(mb) / rows
+            out = self.algo.loss(self.algo.forward(self.model, mb, self.algo_cfg), self.algo_cfg)
+            (out.loss * share).backward()
+            total += float(out.loss.detach()) * share
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) * share
+        return total, metrics
+
+    # ------------------------------------------------------------------ weights
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.parts.unet).items()}
+
+    def export_weights(self) -> WeightsUpdate:
+        """CPU copy of the LoRA tensors with the current version (one object-store copy serves all samplers)."""
+        return WeightsUpdate(self.version, self.lora_state())
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str | Path, extra_state: dict[str, Any] | None = None) -> Path:
+        """Write LoRA (peft + diffusers-loadable), optimiser, RNG state and version into `directory`."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        lora = self.lora_state()
+        save_file(lora, str(out / LORA_FILE))
+        StableDiffusionPipeline.save_lora_weights(
+            out / "diffusers_lora", unet_lora_layers=convert_state_dict_to_diffusers(lora), safe_serialization=True
+        )
+        torch.save(
+            {"optimizer": self.opt.state_dict(), "generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+            out / "optimizer.pt",
+        )
+        state = {"version": self.version, "updates": self.updates}
+        state.update(extra_state or {})
+        (out / "learner.json").write_text(json.dumps(state, indent=2))
+        return out
+
+    def load(self, directory: str | Path) -> int:
+        """Restore what `save` wrote; returns the weights version."""
+        src = Path(directory)
+        missing = [f for f in (LORA_FILE, "optimizer.pt", "learner.json") if not (src / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {src} is incomplete: missing {', '.join(missing)}")
+        set_peft_model_state_dict(self.parts.unet, load_file(str(src / LORA_FILE)))
+        blob = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.opt.load_state_dict(blob["optimizer"])
+        self.generator.set_state(blob["generator"])
+        torch.set_rng_state(blob["torch"])
+        state = json.loads((src / "learner.json").read_text())
+        self.version, self.updates = int(state["version"]), int(state["updates"])
+        return self.version
+
+
+def _take(batch: Any, index: torch.Tensor) -> Any:
+    """Rows `index` of every per-row field (same rule as slice_rows)."""
+    n = num_rows(batch)
+    out = []
+    for value in batch:
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
+            out.append(value[index])
+        elif isinstance(value, list):
+            out.append([value[int(i)] for i in index])
+        else:
+            out.append(value)
+    return type(batch)(*out)

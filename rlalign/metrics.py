@@ -1,0 +1,109 @@
+"""Run outputs: metrics.jsonl (always), TensorBoard, optional wandb, captioned image grids, the reward curve.
+
+The driver is the only writer and the iteration is the one step counter. Every line of metrics.jsonl is flushed
+as it is written, so a crash never loses the iterations already done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class MetricSink:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False, wandb_project: str = "",
+                 config: dict[str, Any] | None = None) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._wandb = None
+        if wandb:
+            import wandb as wandb_module  # optional dependency
+
+            self._wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config or {})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        self._file.write(json.dumps({"iteration": step, **clean}, sort_keys=True) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_image_grid(images: np.ndarray, captions: Sequence[str], path: Path, *, columns: int = 8,
+                    scale: int = 4) -> Path:
+    """[B, H, W, 3] uint8 -> a PNG grid, each tile upscaled `scale`x (nearest) with its caption beneath."""
+    from PIL import Image, ImageDraw
+
+    b, h, w, _ = images.shape
+    columns = max(1, min(columns, b))
+    rows = math.ceil(b / columns)
+    tile_w, tile_h, text_h = w * scale, h * scale, 12
+    cell_w = max(tile_w, 6 * max((len(c) for c in captions), default=1) // 2)
+    grid = Image.new("RGB", (columns * cell_w, rows * (tile_h + text_h * 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        r, c = divmod(i, columns)
+        x0, y0 = c * cell_w, r * (tile_h + text_h * 2)
+        grid.paste(Image.fromarray(img).resize((tile_w, tile_h), Image.NEAREST), (x0 + (cell_w - tile_w) // 2, y0))
+        half = max(1, len(cap) // 2) if len(cap) * 6 > cell_w else len(cap)
+        draw.text((x0 + 1, y0 + tile_h), cap[:half], fill="black")
+        if half < len(cap):
+            draw.text((x0 + 1, y0 + tile_h + text_h), cap[half:], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def plot_reward_curve(rows: list[dict[str, float]], path: Path, *, keys: Sequence[str] | None = None) -> Path | None:
+    """Reward (and eval accuracy) against iteration, one line per metric key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(keys or sorted({k for r in rows for k in r if k.startswith(("reward/", "eval/")) and
+                                k.endswith(("mean", "accuracy"))}))
+    if not rows or not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        pts = [(r["iteration"], r[key]) for r in rows if key in r]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("value")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,185 @@
+"""Stage (3): fan images out to the reward servers, merge the weighted components, per-group statistics.
+
+No Ray here: a reward is reached through a `RewardHandle` whose `submit` returns something with `.result()`.
+`rlalign/actors.py` supplies handles backed by Ray actors; tests use `LocalRewardHandle` around an in-process
+`reward_servers.base.RewardServer`. All reward servers are asked at once, then waited for, so they run in parallel.
+
+`RewardSet` is also the sampler's `StepScorer` for TailorPO: the raw weighted sum ranks branched candidates
+(normalisation is for learning signals across iterations, not for ranking within one step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from rlalign.config import RewardSpec
+from rlalign.types import Rollout, ScoredRollouts
+
+
+class Pending(Protocol):
+    def result(self, timeout: float | None = None) -> Any: ...
+
+
+class RewardHandle(Protocol):
+    name: str
+    differentiable: bool
+
+    def submit(self, images: np.ndarray, prompts: list[str]) -> Pending: ...
+
+    def submit_grad(self, images: np.ndarray, prompts: list[str]) -> Pending: ...
+
+
+class RewardError(RuntimeError):
+    """A reward model failed or answered garbage; the message names the model."""
+
+
+@dataclass
+class _Done:
+    value: Any
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.value
+
+
+class LocalRewardHandle:
+    """In-process reward (tests, single-process use): the call runs at submit time."""
+
+    def __init__(self, name: str, server: Any) -> None:
+        self.name, self.server = name, server
+        self.differentiable = bool(getattr(server, "differentiable", False))
+
+    def submit(self, images: np.ndarray, prompts: list[str]) -> Pending:
+        return _Done(self.server.score(images, prompts))
+
+    def submit_grad(self, images: np.ndarray, prompts: list[str]) -> Pending:
+        return _Done(self.server.score_and_grad(images, prompts))
+
+
+@dataclass
+class RunningStats:
+    """Running mean/std (Welford) of one reward component, for `normalize: running`."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        for value in np.asarray(x, dtype=np.float64).ravel():
+            self.count += 1
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.count)) if self.count > 1 else 1.0
+
+
+def group_zscore(scores: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """(score - group mean) / (group std + eps) inside each group of equal ids."""
+    out = np.zeros_like(scores, dtype=np.float64)
+    for g in np.unique(group_ids):
+        idx = group_ids == g
+        vals = scores[idx].astype(np.float64)
+        out[idx] = (vals - vals.mean()) / (vals.std() + eps)
+    return out.astype(np.float32)
+
+
+@dataclass
+class RewardSet:
+    specs: list[RewardSpec]
+    handles: list[RewardHandle]
+    timeout_s: float = 120.0
+    stats: dict[str, RunningStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.specs) != len(self.handles):
+            raise ValueError(f"{len(self.specs)} reward specs but {len(self.handles)} handles")
+        self.names = [_unique_name(s, i, self.specs) for i, s in enumerate(self.specs)]
+
+    @property
+    def differentiable(self) -> bool:
+        """True when at least one component gives gradients (the others then add nothing to the gradient)."""
+        return any(h.differentiable for h in self.handles)
+
+    def _wait(self, name: str, pending: Pending) -> Any:
+        try:
+            return pending.result(timeout=self.timeout_s)
+        except Exception as err:
+            raise RewardError(f"reward {name!r} failed: {type(err).__name__}: {err}") from err
+
+    def components(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Raw score of every reward model, asked in parallel; each checked for length and finiteness."""
+        plist = list(prompts)
+        pending = [h.submit(images, plist) for h in self.handles]
+        out = {}
+        for name, p in zip(self.names, pending):
+            scores = np.asarray(self._wait(name, p), dtype=np.float32)
+            if scores.shape != (len(images),) or not np.isfinite(scores).all():
+                raise RewardError(f"reward {name!r} returned {scores.shape} scores for {len(images)} images")
+            out[name] = scores
+        return out
+
+    # StepScorer interface (sampler-side ranking and gradient guidance): raw weighted sums
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        comps = self.components(images, prompts)
+        return sum(s.weight * comps[n] for s, n in zip(self.specs, self.names)).astype(np.float32)
+
+    def score_and_grad(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        plist = list(prompts)
+        pending = [(s, n, h.submit_grad(images, plist)) for s, n, h in zip(self.specs, self.names, self.handles)
+                   if h.differentiable]
+        if not pending:
+            raise RewardError("no differentiable reward model is configured (TailorPO-G needs one)")
+        total = np.zeros(len(images), np.float32)
+        grad = np.zeros(images.shape, np.float32)
+        for spec, name, p in pending:
+            scores, g = self._wait(name, p)
+            total += spec.weight * np.asarray(scores, np.float32)
+            grad += spec.weight * np.asarray(g, np.float32)
+        return total, grad
+
+    # learning signal for the whole iteration
+    def score_rollout(self, rollout: Rollout) -> ScoredRollouts:
+        comps = self.components(rollout.images, rollout.prompts)
+        gids = rollout.group_ids.numpy()
+        total = np.zeros(len(rollout), np.float64)
+        metrics: dict[str, float] = {}
+        for spec, name in zip(self.specs, self.names):
+            raw = comps[name]
+            metrics[f"reward/{name}/mean"] = float(raw.mean())
+            metrics[f"reward/{name}/std"] = float(raw.std())
+            total += spec.weight * self._normalise(spec, name, raw, gids)
+        metrics["reward/weighted/mean"] = float(total.mean())
+        metrics["reward/group_std_mean"] = float(np.mean([total[gids == g].std() for g in np.unique(gids)]))
+        return ScoredRollouts(
+            rollout=rollout,
+            scores=torch.from_numpy(total.astype(np.float32)),
+            components={k: torch.from_numpy(v) for k, v in comps.items()},
+            metrics=metrics,
+        )
+
+    def _normalise(self, spec: RewardSpec, name: str, raw: np.ndarray, gids: np.ndarray) -> np.ndarray:
+        if spec.normalize == "group":
+            return group_zscore(raw, gids)
+        if spec.normalize == "running":
+            stats = self.stats.setdefault(name, RunningStats())
+            stats.update(raw)
+            return (raw - stats.mean) / (stats.std + 1e-6)
+        return raw
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {k: vars(v).copy() for k, v in self.stats.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.stats = {k: RunningStats(**v) for k, v in state.items()}
+
+
+def _unique_name(spec: RewardSpec, index: int, specs: list[RewardSpec]) -> str:
+    same = [s for s in specs if s.name == spec.name]
+    return spec.name if len(same) == 1 else f"{spec.name}_{index}"
