@@ -59,6 +59,10 @@ class DDECfg:
     stride: int = 50
     # std of the single-shot Gaussian p(x0 | x_t); only rescales lam_ss (normalised away)
     s0: float = 1.0
+    # w(t) clamped to at most this multiple of its mean, then renormalised (None: raw). 30 leaves every mode
+    # unchanged on the SD schedule; on the digits cosine schedule single_shot/stepwise/dde_sum would otherwise put
+    # ~all credit at t = 999 (abar_999 ~ 0)
+    weight_cap: float | None = 30.0
     # renoise (shared fresh noise + t per pair) | trajectory (sampler's stored x_t on its grid)
     state_source: str = "renoise"
     # renoise: t ~ U[t_min, t_max] (inclusive), one per pair
@@ -74,6 +78,8 @@ class DDECfg:
             raise ValueError(f"dde.state_source must be one of {STATE_SOURCES}, got {self.state_source!r}")
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"dde: need 0 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
+        if self.weight_cap is not None and self.weight_cap <= 1:
+            raise ValueError(f"dde.weight_cap must be None or > 1, got {self.weight_cap}")
         if self.eta <= 0 or self.stride < 1 or self.s0 <= 0:
             raise ValueError(f"dde: need eta > 0, stride >= 1, s0 > 0; got {self.eta}, {self.stride}, {self.s0}")
 
@@ -115,6 +121,7 @@ def dde_weight(
     eta: float = 1.0,
     s0: float = 1.0,
     final_alpha_cumprod: float | None = None,
+    cap: float | None = None,
 ) -> Tensor:
     """Credit weight w(t) at `timesteps` (default all 0..N-1), float64 [len(timesteps)], mean 1 over them.
 
@@ -122,6 +129,9 @@ def dde_weight(
     Modes (dde.md 2.5): dde_mid abar(1-abar) (default stand-in, peaks at abar = 0.5); dde_sum lam_step + lam_ss;
     dde_index u(1-u), u = t/N; single_shot lam_ss; stepwise lam_step with s = t - stride (abar_s =
     final_alpha_cumprod, default abar[0], when s < 0); uniform 1 (= Diffusion-DPO).
+    `cap`: clamp w to at most `cap` times its mean and renormalise (repeated until stable), so a few timesteps
+    cannot take all the credit (on a cosine schedule abar_999 ~ 0 and lam_ss, lam_step put ~all weight at
+    t = 999); None keeps the raw form.
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown DDE weight mode {mode!r}; choose from {WEIGHT_MODES}")
@@ -148,7 +158,16 @@ def dde_weight(
     mean = w.mean()
     if not mean > 0:
         raise ValueError(f"DDE weight {mode!r} is zero on every given timestep")
-    return w / mean
+    w = w / mean
+    if cap is not None:
+        if cap <= 1:
+            raise ValueError(f"DDE weight cap must be > 1 (the mean), got {cap}")
+        for _ in range(100):  # clamp-and-renormalise converges in a few rounds
+            if float(w.max()) <= cap * (1 + 1e-9):
+                break
+            w = w.clamp(max=cap)
+            w = w / w.mean()
+    return w
 
 
 # ---------------------------------------------------------------- algorithm
@@ -201,6 +220,7 @@ def _weights(model: DiffusionModel, t: Tensor, cfg: DDECfg, default_mode: str) -
         eta=cfg.eta,
         s0=cfg.s0,
         final_alpha_cumprod=float(model.scheduler.final_alpha_cumprod),
+        cap=cfg.weight_cap,
     )
     full = torch.zeros(ac.shape[0], dtype=torch.float64)
     full[grid] = table

@@ -54,6 +54,18 @@ def test_every_weight_has_mean_one(mode: str) -> None:
         dde_weight(AC, "middle")
 
 
+def test_weight_cap_is_inert_on_sd_and_tames_the_cosine_schedule() -> None:
+    for mode in WEIGHT_MODES:
+        torch.testing.assert_close(dde_weight(AC, mode, cap=30.0), dde_weight(AC, mode))
+    from diffusers import DDPMScheduler
+
+    cos = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+    raw, capped = dde_weight(cos, "single_shot"), dde_weight(cos, "single_shot", cap=30.0)
+    assert float(raw[999]) > 500  # abar_999 ~ 0: the raw single-shot weight puts ~all credit on t = 999
+    assert float(capped.max()) <= 30.0 + 1e-6 and float(capped.mean()) == pytest.approx(1.0)
+    assert torch.all(capped[1:] >= capped[:-1])  # still increasing in t
+
+
 def test_estimator_weights_match_dde_md() -> None:
     ss = single_shot_weight(AC)
     assert torch.all(ss[1:] > ss[:-1])  # strictly increasing in t
@@ -154,7 +166,8 @@ def test_registry_name_picks_the_estimator_weight_and_cfg_overrides(tiny_model) 
     ac = tiny_model.alphas_cumprod
     w_step = STEPWISE.forward(tiny_model, b, cfg).weight
     w_ss = SINGLE.forward(tiny_model, b, cfg).weight
-    torch.testing.assert_close(w_step, dde_weight(ac, "stepwise", final_alpha_cumprod=float(ac[0]))[t].float())
+    w_exp = dde_weight(ac, "stepwise", final_alpha_cumprod=float(ac[0]))  # SD schedule: the default cap is inert
+    torch.testing.assert_close(w_step, w_exp[t].float())
     torch.testing.assert_close(w_ss, dde_weight(ac, "single_shot")[t].float())
     w_mid = SINGLE.forward(tiny_model, b, DDECfg(weight="dde_mid")).weight
     torch.testing.assert_close(w_mid, dde_weight(ac, "dde_mid")[t].float())
