@@ -7,6 +7,7 @@ owning actor, so weights load where they are used.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -75,28 +76,24 @@ class Workers:
 
     def kill(self) -> None:
         for actor in [*self.samplers, self.learner, *self.reward_actors]:
-            try:
+            with contextlib.suppress(Exception):  # already dead: nothing left to stop
                 ray.kill(actor)
-            except Exception:  # already dead: nothing left to stop
-                pass
         for pg in self.placement_groups:
             remove_placement_group(pg)
 
 
 def spawn_rewards(cfg: RunCfg, model_dir: str | None) -> tuple[RewardSet, list[Any]]:
-    actors, handles = [], []
-    for i, spec in enumerate(cfg.reward.models):
-        actor = RewardActor.options(
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, name=None, max_concurrency=1
-        ).remote(functools.partial(make_reward_model, spec, model_dir))
-        actors.append(actor)
-        handles.append((spec, actor))
+    actors = [
+        RewardActor.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_concurrency=1).remote(
+            functools.partial(make_reward_model, spec, model_dir)
+        )
+        for spec in cfg.reward.models
+    ]
     # one round-trip each: surfaces a bad weights dir now, with the model's own error message
     infos = gather([a.info.remote() for a in actors], cfg.ray.call_timeout_s, "reward actor start-up")
-    differentiable = [info["differentiable"] for info in infos]
-    reward_set = RewardSet(list(cfg.reward.models), [], timeout_s=cfg.reward.timeout_s)
-    reward_set.handles = [RayRewardHandle(n, a, bool(d)) for n, (_, a), d in
-                          zip(reward_set.names, handles, differentiable)]
+    names = RewardSet.component_names(list(cfg.reward.models))
+    handles = [RayRewardHandle(n, a, bool(i["differentiable"])) for n, a, i in zip(names, actors, infos)]
+    reward_set = RewardSet(list(cfg.reward.models), handles, timeout_s=cfg.reward.timeout_s)
     return reward_set, actors
 
 
@@ -108,13 +105,13 @@ def branch_cfg(cfg: RunCfg) -> BranchCfg | None:
         return None
     t = cfg.tailorpo
     return BranchCfg(
-        num_candidates=t.num_candidates,
+        num_candidates=t.k,
         tie_eps=t.tie_eps,
         target=cfg.reward.target,
         guide=algo.needs_gradient_guidance,
-        guidance_step=t.guidance_step,
+        guidance_step=t.eta_g,
         guidance_norm=t.guidance_norm,
-        guidance_mode=t.guidance_mode,
+        guidance_mode=t.guidance_grad,
     )
 
 

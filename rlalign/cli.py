@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("which", choices=["digits"], help="which embedded model")
     base.add_argument("--cache-dir", help="cache directory (default $RLALIGN_CACHE or ~/.cache/rlalign)")
     base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--size", choices=["default", "tiny"], default="default", help="tiny builds in seconds")
     base.add_argument("--force", action="store_true", help="rebuild even if cached")
     return parser
 
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _train(cfg, console) -> int:  # noqa: ANN001 - RunCfg/Console imported lazily
+def _train(cfg, console) -> int:
     from rlalign.actors import ActorFailure
     from rlalign.driver import summary_table, train
     from rlalign.models.loading import ModelDirError
@@ -130,17 +131,15 @@ def _train(cfg, console) -> int:  # noqa: ANN001 - RunCfg/Console imported lazil
     return 0
 
 
-def _base(args: argparse.Namespace, console) -> int:  # noqa: ANN001
+def _base(args: argparse.Namespace, console) -> int:
     import json
     import shutil
 
-    from rlalign.models.digits import default_cache_dir, ensure_digits_model
+    from rlalign.models.digits import cached_model_dir, default_cache_dir, ensure_digits_model
 
     if args.force:
-        cached = ensure_digits_model(args.cache_dir, seed=args.seed, progress=False, build=False)
-        if cached is not None:
-            shutil.rmtree(cached)
-    path = ensure_digits_model(args.cache_dir, seed=args.seed, progress=True)
+        shutil.rmtree(cached_model_dir(args.cache_dir, args.seed, args.size), ignore_errors=True)
+    path = ensure_digits_model(args.cache_dir, seed=args.seed, progress=True, size=args.size)
     info = path / "build_info.json"
     console.print(f"digits model: {path}  (cache root {args.cache_dir or default_cache_dir()})")
     if info.is_file():

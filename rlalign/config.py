@@ -33,6 +33,7 @@ class ModelCfg:
     kind: str = "digits"  # digits (embedded, built on first use) | sd15 (a local diffusers StableDiffusion dir)
     path: str | None = None  # local diffusers pipeline dir; None with kind=digits uses the cached embedded model
     cache_dir: str | None = None  # where the embedded model is built; None: $RLALIGN_CACHE or ~/.cache/rlalign
+    size: str = "default"  # embedded digits model size: default | tiny (seconds to build; tests)
     dtype: str = "float32"  # float32 | bfloat16 | float16 for sampler/learner U-Net weights (maths stays fp32)
     device: str = "auto"  # auto (cuda if the actor has a GPU, else cpu) | cpu | cuda
 
@@ -161,6 +162,7 @@ class RunCfg:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("digits", "sd15"),
+    "model.size": ("default", "tiny"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"),
     "prompts.source": ("digits", "file"),
@@ -250,6 +252,12 @@ def validate(cfg: RunCfg) -> None:
         fail("prompts.path", f"prompts.source=file needs an existing prompt file, got {cfg.prompts.path!r}")
     if cfg.ray.max_policy_lag < 0:
         fail("ray.max_policy_lag", "must be >= 0")
+    # the learner recomputes the sampler's policy: one source of truth for eta and CFG scale
+    section = getattr(cfg, algo.cfg_key)
+    for name in ("eta", "guidance_scale"):
+        if algo.cfg_key in ("tailorpo", "ddpo") and getattr(section, name) != getattr(s, name):
+            fail(f"{algo.cfg_key}.{name}", f"must equal sampler.{name} ({getattr(s, name)}): the learner scores "
+                 f"the sampler's own policy; set both, got {getattr(section, name)}")
 
 
 def to_yaml(cfg: RunCfg) -> str:

@@ -31,7 +31,7 @@ class Evaluator:
         }
 
 
-def _train_judge():  # noqa: ANN202 - sklearn estimator
+def _train_judge():
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
 

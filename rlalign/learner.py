@@ -8,6 +8,7 @@ adapter disabled, so no second copy is held.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -69,7 +70,7 @@ class Learner:
         grad_norms: list[float] = []
         for _ in range(self.cfg.epochs):
             order = torch.randperm(rows, generator=self.generator) if steps > 1 else None
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
+            for lo, hi in itertools.pairwise(bounds):
                 chunk = _take(batch, order[lo:hi]) if order is not None else batch
                 loss, chunk_metrics = self._accumulate(chunk)
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)))
@@ -127,10 +128,8 @@ class Learner:
         StableDiffusionPipeline.save_lora_weights(
             out / "diffusers_lora", unet_lora_layers=convert_state_dict_to_diffusers(lora), safe_serialization=True
         )
-        torch.save(
-            {"optimizer": self.opt.state_dict(), "generator": self.generator.get_state(), "torch": torch.get_rng_state()},
-            out / "optimizer.pt",
-        )
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        torch.save({"optimizer": self.opt.state_dict(), **rng}, out / "optimizer.pt")
         state = {"version": self.version, "updates": self.updates}
         state.update(extra_state or {})
         (out / "learner.json").write_text(json.dumps(state, indent=2))

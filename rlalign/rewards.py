@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from reward_servers.mix import RunningMeanStd, group_normalize
 from rlalign.config import RewardSpec
 from rlalign.types import Rollout, ScoredRollouts
 
@@ -61,46 +62,22 @@ class LocalRewardHandle:
 
 
 @dataclass
-class RunningStats:
-    """Running mean/std (Welford) of one reward component, for `normalize: running`."""
-
-    count: float = 0.0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def update(self, x: np.ndarray) -> None:
-        for value in np.asarray(x, dtype=np.float64).ravel():
-            self.count += 1
-            delta = value - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (value - self.mean)
-
-    @property
-    def std(self) -> float:
-        return float(np.sqrt(self.m2 / self.count)) if self.count > 1 else 1.0
-
-
-def group_zscore(scores: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """(score - group mean) / (group std + eps) inside each group of equal ids."""
-    out = np.zeros_like(scores, dtype=np.float64)
-    for g in np.unique(group_ids):
-        idx = group_ids == g
-        vals = scores[idx].astype(np.float64)
-        out[idx] = (vals - vals.mean()) / (vals.std() + eps)
-    return out.astype(np.float32)
-
-
-@dataclass
 class RewardSet:
     specs: list[RewardSpec]
     handles: list[RewardHandle]
     timeout_s: float = 120.0
-    stats: dict[str, RunningStats] = field(default_factory=dict)
+    stats: dict[str, RunningMeanStd] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.specs) != len(self.handles):
             raise ValueError(f"{len(self.specs)} reward specs but {len(self.handles)} handles")
-        self.names = [_unique_name(s, i, self.specs) for i, s in enumerate(self.specs)]
+        self.names = self.component_names(self.specs)
+
+    @staticmethod
+    def component_names(specs: list[RewardSpec]) -> list[str]:
+        """Metric names: the reward name, or name_<index> when one reward appears twice."""
+        counts = {s.name: sum(o.name == s.name for o in specs) for s in specs}
+        return [s.name if counts[s.name] == 1 else f"{s.name}_{i}" for i, s in enumerate(specs)]
 
     @property
     def differentiable(self) -> bool:
@@ -160,26 +137,24 @@ class RewardSet:
         return ScoredRollouts(
             rollout=rollout,
             scores=torch.from_numpy(total.astype(np.float32)),
-            components={k: torch.from_numpy(v) for k, v in comps.items()},
+            components={k: torch.from_numpy(v.copy()) for k, v in comps.items()},
             metrics=metrics,
         )
 
     def _normalise(self, spec: RewardSpec, name: str, raw: np.ndarray, gids: np.ndarray) -> np.ndarray:
         if spec.normalize == "group":
-            return group_zscore(raw, gids)
+            return group_normalize(raw, gids, eps=1e-6)
         if spec.normalize == "running":
-            stats = self.stats.setdefault(name, RunningStats())
+            stats = self.stats.setdefault(name, RunningMeanStd())
             stats.update(raw)
             return (raw - stats.mean) / (stats.std + 1e-6)
         return raw
 
     def state_dict(self) -> dict[str, dict[str, float]]:
-        return {k: vars(v).copy() for k, v in self.stats.items()}
+        return {k: v.state_dict() for k, v in self.stats.items()}
 
     def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
-        self.stats = {k: RunningStats(**v) for k, v in state.items()}
-
-
-def _unique_name(spec: RewardSpec, index: int, specs: list[RewardSpec]) -> str:
-    same = [s for s in specs if s.name == spec.name]
-    return spec.name if len(same) == 1 else f"{spec.name}_{index}"
+        self.stats = {}
+        for k, v in state.items():
+            self.stats[k] = RunningMeanStd()
+            self.stats[k].load_state_dict(v)

@@ -80,7 +80,7 @@ def resolve_model_dir(model_cfg: ModelCfg, *, progress: bool = True) -> Path:
         raise ModelDirError(f"model.kind={model_cfg.kind} needs model.path: a local diffusers pipeline directory")
     from rlalign.models.digits import ensure_digits_model
 
-    return Path(ensure_digits_model(model_cfg.cache_dir, progress=progress))
+    return Path(ensure_digits_model(model_cfg.cache_dir, progress=progress, size=model_cfg.size))  # type: ignore[arg-type]
 
 
 def check_pipeline_dir(path: Path) -> None:
@@ -122,6 +122,9 @@ def load_parts(
 ) -> DiffusionParts:
     """Load unet/vae/text_encoder/tokenizer/scheduler from the local model dir; add a fresh LoRA to the U-Net."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars from every actor drown the run's own progress
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -44,9 +44,9 @@ def test_wrong_type_names_key_and_file(tmp_path: Path) -> None:
 
 
 def test_bad_override_names_command_line() -> None:
-    with pytest.raises(ConfigError, match="command line.*sampler.eta"):
+    with pytest.raises(ConfigError, match=r"command line.*sampler\.eta"):
         load_config(None, ["sampler.eta=high"])
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         load_config(None, ["sampler.eta"])
 
 
