@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,3 +165,32 @@ def microbatch_mean(algo: Any, model: Any, batch: Any, cfg: Any, size: int) -> t
         mb = slice_rows(batch, lo, min(lo + size, n))
         parts.append(run_algo(algo, model, mb, cfg).loss * (num_rows(mb) / n))
     return torch.stack(parts).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tiny embedded digits model (a real StableDiffusionPipeline layout with a trained-for-seconds classifier),
+# built once per test session into a temporary cache and shared by component, ray and e2e tests.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cache directory holding the tiny digits model (`model.size=tiny model.cache_dir=<this>`)."""
+    from rlalign.models.digits import ensure_digits_model
+
+    cache = tmp_path_factory.mktemp("rlalign-cache")
+    ensure_digits_model(cache, seed=0, progress=False, size="tiny")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_dir(tiny_digits_cache: Path) -> Path:
+    from rlalign.models.digits import cached_model_dir
+
+    return cached_model_dir(tiny_digits_cache, 0, "tiny")
+
+
+@pytest.fixture
+def tiny_overrides(tiny_digits_cache: Path, tmp_path: Path) -> list[str]:
+    """Config overrides that point a run at the tiny model and a per-test output directory."""
+    return ["model.size=tiny", f"model.cache_dir={tiny_digits_cache}", f"out_dir={tmp_path / 'runs'}"]
