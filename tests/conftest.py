@@ -194,3 +194,26 @@ def tiny_digits_dir(tiny_digits_cache: Path) -> Path:
 def tiny_overrides(tiny_digits_cache: Path, tmp_path: Path) -> list[str]:
     """Config overrides that point a run at the tiny model and a per-test output directory."""
     return ["model.size=tiny", f"model.cache_dir={tiny_digits_cache}", f"out_dir={tmp_path / 'runs'}"]
+
+
+class WinnerFirstProbe:
+    """Stand-in DiffusionModel: policy eps = x_t, reference eps = 0, embed = identity.
+
+    With winner x0 = 0 and loser x0 = 10, every policy error/distance of the winner is far smaller than the
+    loser's, so a forward that swaps the winner/loser halves is caught.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).double()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, adapters: bool = True) -> torch.Tensor:
+        return x_t.float() if adapters else torch.zeros_like(x_t, dtype=torch.float32)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+def winner_first_batch(batch: Any) -> Any:
+    """The same batch with winner x0 = 0 and loser x0 = 10."""
+    return batch._replace(x0_w=torch.zeros_like(batch.x0_w), x0_l=torch.full_like(batch.x0_l, 10.0))

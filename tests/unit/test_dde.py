@@ -206,3 +206,13 @@ def test_bad_config_raises() -> None:
         DDECfg(weight="middle")
     with pytest.raises(ValueError, match="state_source"):
         DDECfg(state_source="cache")
+
+
+@pytest.mark.parametrize("algo", [STEPWISE, SINGLE])
+def test_forward_keeps_winner_and_loser_halves_apart(tiny_scheduler, algo) -> None:
+    from conftest import WinnerFirstProbe, winner_first_batch
+
+    cfg = DDECfg(t_min=100)
+    batch = winner_first_batch(build_batch(make_scored(), cfg, torch.Generator().manual_seed(0)))
+    fwd = algo.forward(WinnerFirstProbe(tiny_scheduler), batch, cfg)
+    assert torch.all(fwd.err_w < fwd.err_l)

@@ -82,3 +82,11 @@ def test_model_microbatches_equal_full_batch(tiny_model) -> None:
     batch = build_batch(make_scored(groups=5), cfg, torch.Generator().manual_seed(1))
     full = run_algo(ALGO, tiny_model, batch, cfg).loss
     torch.testing.assert_close(microbatch_mean(ALGO, tiny_model, batch, cfg, 2), full)
+
+
+def test_forward_keeps_winner_and_loser_halves_apart(tiny_scheduler) -> None:
+    from conftest import WinnerFirstProbe, winner_first_batch
+
+    batch = winner_first_batch(build_batch(make_scored(), DiffusionDPOCfg(t_min=100), torch.Generator().manual_seed(0)))
+    fwd = ALGO.forward(WinnerFirstProbe(tiny_scheduler), batch, DiffusionDPOCfg())
+    assert torch.all(fwd.err_w < fwd.err_l)

@@ -146,3 +146,13 @@ def test_build_batch_t_range_and_shared_noise() -> None:
         NCPCfg(t_min=0)  # prev mode: t = 0 gives no signal
     with pytest.raises(ValueError):
         NCPCfg(target_mode="next")
+
+
+@pytest.mark.parametrize("algo", [DPO, CPO])
+def test_forward_keeps_winner_and_loser_halves_apart(tiny_scheduler, algo) -> None:
+    from conftest import WinnerFirstProbe, winner_first_batch
+
+    cfg = NCPCfg(t_min=100)
+    batch = winner_first_batch(_batch(cfg))
+    fwd = algo.forward(WinnerFirstProbe(tiny_scheduler), batch, cfg)
+    assert torch.all(fwd.d_pol_w < fwd.d_pol_l)

@@ -23,8 +23,10 @@ from rlalign.sampling.logprob import ddim_mean_std, ddim_step_with_logprob, log_
 ALGO = get_algorithm("tailorpo")
 
 
-def _batch(cfg: TailorPOCfg, seed: int = 0, **kw):
-    return build_batch(make_scored(with_step_pairs=True, **kw), cfg, torch.Generator().manual_seed(seed))
+def _batch(cfg: TailorPOCfg, seed: int = 0, groups: int = 1, per_group: int = 2):
+    """20 rows (2 trajectories x 10 steps): enough for every property, cheap on 2 shared cores."""
+    scored = make_scored(groups=groups, per_group=per_group, with_step_pairs=True)
+    return build_batch(scored, cfg, torch.Generator().manual_seed(seed))
 
 
 def test_loss_is_ln2_when_policy_equals_reference() -> None:
