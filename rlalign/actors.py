@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -126,14 +127,15 @@ def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[lis
         pg = placement_group([bundle] * s.num_workers, strategy=cfg.ray.placement_strategy)
         ray.get(pg.ready(), timeout=cfg.ray.call_timeout_s)
         pgs.append(pg)
-        options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
-                   for i in range(s.num_workers)]
+        options = [
+            {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+            for i in range(s.num_workers)
+        ]
     branch = branch_cfg(cfg)
     samplers = [
-        SamplerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=dict(s.resources) or None,
-                             **options[i]).remote(
-            s, make_parts, branch=branch, scorer=rewards if branch else None, worker_index=i
-        )
+        SamplerActor.options(
+            num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=dict(s.resources) or None, **options[i]
+        ).remote(s, make_parts, branch=branch, scorer=rewards if branch else None, worker_index=i)
         for i in range(s.num_workers)
     ]
     return samplers, pgs
@@ -143,8 +145,9 @@ def spawn_learner(cfg: RunCfg, model_dir: str) -> Any:
     lc = cfg.learner
     model = replace(cfg.model, path=model_dir)
     make_parts = functools.partial(load_parts, model, cfg.lora, cfg.sampler.num_steps)
-    return LearnerActor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
-                                resources=dict(lc.resources) or None).remote(cfg, make_parts, seed=cfg.seed)
+    return LearnerActor.options(
+        num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=dict(lc.resources) or None
+    ).remote(cfg, make_parts, seed=cfg.seed)
 
 
 def spawn_workers(cfg: RunCfg, model_dir: str) -> Workers:
@@ -163,11 +166,21 @@ def init_ray(cfg: RunCfg) -> bool:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
         return True
-    want = (cfg.sampler.num_workers * cfg.sampler.num_cpus + cfg.learner.num_cpus
-            + sum(m.num_cpus for m in cfg.reward.models))
+    want = (
+        cfg.sampler.num_workers * cfg.sampler.num_cpus
+        + cfg.learner.num_cpus
+        + sum(m.num_cpus for m in cfg.reward.models)
+    )
     cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(want)))  # logical CPUs: may exceed cores
-    ray.init(num_cpus=cpus, num_gpus=None, include_dashboard=cfg.ray.include_dashboard, runtime_env=env,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    ray.init(
+        num_cpus=cpus,
+        num_gpus=None,
+        include_dashboard=cfg.ray.include_dashboard,
+        runtime_env=env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
     return True
 
 
@@ -178,10 +191,34 @@ def gather(refs: Sequence[Any], timeout_s: float, role: str) -> list[Any]:
     except ray.exceptions.GetTimeoutError as err:
         raise ActorFailure(f"{role} did not answer within {timeout_s:.0f} s (ray.call_timeout_s)") from err
     except ray.exceptions.RayActorError as err:
-        raise ActorFailure(f"{role} actor died: {str(err).splitlines()[0]}") from err
+        raise ActorFailure(f"{role} actor died: {_root_cause(err)}") from err
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
         raise ActorFailure(f"{role} raised {type(cause).__name__}: {cause}") from err
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXC_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception|Unreachable|Failure)\w*: .+")
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception line of a Ray error (e.g. the reward model's own message), else the first line."""
+    lines = [_ANSI.sub("", line) for line in str(err).splitlines()]
+    causes = [line.strip() for line in lines if _EXC_LINE.match(line)]
+    return causes[-1] if causes else (lines[0] if lines else type(err).__name__)
+
+
+def _node_of(_actor: Any) -> str:
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def placement(workers: Workers, timeout_s: float) -> dict[str, list[str]]:
+    """Node id of every actor, by role (written to the run directory; multi-node tests read it)."""
+    roles = {"samplers": workers.samplers, "learner": [workers.learner], "rewards": workers.reward_actors}
+    return {
+        role: gather([a.__ray_call__.remote(_node_of) for a in actors], timeout_s, f"{role} placement")
+        for role, actors in roles.items()
+    }
 
 
 class ActorFailure(RuntimeError):

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rlalign import checkpoint as ckpt
-from rlalign.actors import ActorFailure, Workers, gather, init_ray, spawn_workers
+from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, spawn_workers
 from rlalign.config import RunCfg, save_config, summary, to_yaml
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
@@ -59,15 +59,28 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
         ckpt.resolve_resume(cfg.run_dir, cfg.resume)  # fail before any work when the path is wrong
     run_dir = prepare_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
-    console.print(f"[bold]rlalign[/] run [cyan]{run_dir}[/]  algo={cfg.algo}  mode={cfg.ray.mode}  "
-                  + "  ".join(f"{k}={v}" for k, v in summary(cfg).items()))
+    console.print(
+        f"[bold]rlalign[/] run [cyan]{run_dir}[/]  algo={cfg.algo}  mode={cfg.ray.mode}  "
+        + "  ".join(f"{k}={v}" for k, v in summary(cfg).items())
+    )
     model_dir = str(resolve_model_dir(cfg.model, progress=True))
     started = init_ray(cfg)
     workers: Workers | None = None
-    sink = MetricSink(run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                      wandb_project=cfg.log.wandb_project, config=json.loads(json.dumps(_plain(cfg))))
+    sink = MetricSink(
+        run_dir,
+        tensorboard=cfg.log.tensorboard,
+        wandb=cfg.log.wandb,
+        wandb_project=cfg.log.wandb_project,
+        config=json.loads(json.dumps(_plain(cfg))),
+    )
     try:
         workers = spawn_workers(cfg, model_dir)
+        nodes = placement(workers, cfg.ray.call_timeout_s)
+        (run_dir / "placement.json").write_text(json.dumps(nodes, indent=2))
+        console.print(
+            f"actors up: {len(workers.samplers)} sampler(s) on {len(set(nodes['samplers']))} node(s), "
+            f"1 learner, {len(workers.reward_actors)} reward actor(s)"
+        )
         loop = Loop(cfg, workers, sink, run_dir, model_dir, console)
         result = loop.run()
     finally:
@@ -93,8 +106,9 @@ def _write_curve(run_dir: Path) -> None:
 
 
 class Loop:
-    def __init__(self, cfg: RunCfg, workers: Workers, sink: MetricSink, run_dir: Path, model_dir: str,
-                 console: Console) -> None:
+    def __init__(
+        self, cfg: RunCfg, workers: Workers, sink: MetricSink, run_dir: Path, model_dir: str, console: Console
+    ) -> None:
         self.cfg, self.w, self.sink, self.run_dir, self.console = cfg, workers, sink, run_dir, console
         self.timeout = cfg.ray.call_timeout_s
         self.prompts = PromptSource(cfg.prompts, seed=cfg.seed)
@@ -125,13 +139,17 @@ class Loop:
             raise ActorFailure(f"samplers hold different weight versions after a broadcast: {versions}")
         self.sampler_version = versions[0]
         self._sync_s = time.perf_counter() - t0
+        self._broadcast_versions = versions
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, iteration: int, tag: str) -> dict[str, float]:
         cfg = self.cfg
         batches = eval_batches(cfg.prompts, cfg.eval.images_per_prompt, cfg.eval.seed, len(self.w.samplers))
-        rollouts = gather([s.generate.remote(b, branch=False) for s, b in zip(self.w.samplers, batches)],
-                          self.timeout, "sampler (evaluation)")
+        rollouts = gather(
+            [s.generate.remote(b, branch=False) for s, b in zip(self.w.samplers, batches)],
+            self.timeout,
+            "sampler (evaluation)",
+        )
         images = np.concatenate([r.images for r in rollouts])
         prompts = [p for r in rollouts for p in r.prompts]
         comps = self.w.rewards.components(images, prompts)
@@ -186,8 +204,9 @@ class Loop:
         return result
 
     def _launch(self) -> list[Any]:
-        batches = self.prompts.next(self.cfg.sampler.prompts_per_worker, self.cfg.sampler.images_per_prompt,
-                                    len(self.w.samplers))
+        batches = self.prompts.next(
+            self.cfg.sampler.prompts_per_worker, self.cfg.sampler.images_per_prompt, len(self.w.samplers)
+        )
         self._launched_at = time.perf_counter()
         return [s.generate.remote(b) for s, b in zip(self.w.samplers, batches)]
 
@@ -215,22 +234,30 @@ class Loop:
         self._broadcast()  # in async mode this queues behind the in-flight generate on each sampler
         elapsed = time.perf_counter() - t0
         metrics.update(scored.metrics)
-        metrics.update({k: v for k, v in rollout.metrics.items() if not k.startswith("sampler/std/")}
-                       if it > 0 else rollout.metrics)
-        metrics.update({
-            "sampler/policy_lag": float(lag),
-            "sampler/version": float(rollout.policy_version),
-            "time/sample_s": t_sample,
-            "time/reward_s": t_reward,
-            "time/learn_s": t_learn,
-            "time/sync_s": self._sync_s,
-            "time/iteration_s": elapsed,
-            "throughput/images_per_s": len(rollout) / max(elapsed, 1e-9),
-        })
+        metrics.update(
+            {k: v for k, v in rollout.metrics.items() if not k.startswith("sampler/std/")}
+            if it > 0
+            else rollout.metrics
+        )
+        metrics.update(
+            {
+                "sampler/policy_lag": float(lag),
+                "sampler/version": float(rollout.policy_version),
+                "sampler/min_loaded_version": float(min(self._broadcast_versions)),
+                "sampler/max_loaded_version": float(max(self._broadcast_versions)),
+                "time/sample_s": t_sample,
+                "time/reward_s": t_reward,
+                "time/learn_s": t_learn,
+                "time/sync_s": self._sync_s,
+                "time/iteration_s": elapsed,
+                "throughput/images_per_s": len(rollout) / max(elapsed, 1e-9),
+            }
+        )
         if rollout.step_pairs is not None:
             metrics["tailorpo/valid_pair_frac"] = float(rollout.step_pairs.valid.float().mean())
-            metrics["tailorpo/step_reward_gap"] = float((rollout.step_pairs.reward_w - rollout.step_pairs.reward_l)
-                                                        .mean())
+            metrics["tailorpo/step_reward_gap"] = float(
+                (rollout.step_pairs.reward_w - rollout.step_pairs.reward_l).mean()
+            )
         if cfg.log.image_every and it % cfg.log.image_every == 0:
             n = min(32, len(rollout))
             caps = [f"{p[:18]} {s:.2f}" for p, s in zip(rollout.prompts[:n], scored.scores[:n].tolist())]
@@ -262,8 +289,15 @@ class Loop:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[stats]}"), console=console, transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=console,
+        transient=False,
+    )
 
 
 def _progress_stats(m: dict[str, float]) -> str:

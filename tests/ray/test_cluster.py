@@ -1,0 +1,168 @@
+"""Launching: a two-node cluster on this machine, `ray job submit` against a `ray start --head` cluster, the
+embedded local Ray of `rlalign train` (started and stopped by the command itself), and failing actors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from rich.console import Console
+
+from rlalign.actors import ActorFailure, spawn_workers
+from rlalign.config import load_config
+from rlalign.driver import Loop, prepare_run_dir, train
+from rlalign.metrics import MetricSink, read_metrics
+from rlalign.models.loading import resolve_model_dir
+
+REPO = Path(__file__).parents[2]
+CONFIG = str(REPO / "configs" / "tiny.yaml")
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_samplers_spread_over_two_nodes(tiny_overrides: list[str]) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    cluster.add_node(num_cpus=2, resources={"node2": 1})
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR")
+        cfg = load_config(
+            CONFIG, ["sampler.num_workers=2", "ray.placement_strategy=STRICT_SPREAD", "algo=tailorpo", *tiny_overrides]
+        )
+        result = train(cfg, Console(quiet=True))
+        nodes = json.loads((result.run_dir / "placement.json").read_text())
+        assert len(set(nodes["samplers"])) == 2  # one sampler on each node
+        rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss/total" in r]
+        assert len(rows) == 2 and rows[-1]["sampler/min_loaded_version"] == 2.0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def head_node() -> Iterator[str]:
+    port, dash = _free_port(), _free_port()
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_two_iterations(head_node: str, tiny_overrides: list[str], tmp_path: Path) -> None:
+    overrides = [o for o in tiny_overrides if not o.startswith("out_dir=")] + [f"out_dir={tmp_path}/runs"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head_node,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "-m",
+        "rlalign.cli",
+        "train",
+        "configs/tiny.yaml",
+        "ray.address=auto",
+        "name=job",
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in (proc.stdout + proc.stderr).lower()
+    rows = [r for r in read_metrics(tmp_path / "runs" / "job" / "metrics.jsonl") if "loss/total" in r]
+    assert [r["iteration"] for r in rows] == [0, 1]
+
+
+def test_cli_starts_and_stops_its_own_ray(tiny_overrides: list[str], tmp_path: Path) -> None:
+    before = _ray_pids()
+    proc = subprocess.run(
+        [str(BIN / "rlalign"), "train", CONFIG, "algo=diffusion_dpo", *tiny_overrides],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "eval/digit_accuracy" in proc.stdout and "reward curve" in proc.stdout
+    assert _ray_pids() <= before  # no raylet / GCS left behind by the embedded cluster
+
+
+def test_bad_config_exits_with_a_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampler:\n  num_wrokers: 2\n")
+    proc = subprocess.run(
+        [str(BIN / "rlalign"), "train", str(bad)], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "num_wrokers" in proc.stdout and str(bad) in proc.stdout
+
+
+def test_dead_sampler_is_named_and_checkpoints_survive(tiny_overrides: list[str]) -> None:
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    try:
+        cfg = load_config(CONFIG, ["algo=diffusion_dpo", "iterations=4", *tiny_overrides])
+        run_dir = prepare_run_dir(cfg)
+        workers = spawn_workers(cfg, str(resolve_model_dir(cfg.model)))
+        sink = MetricSink(run_dir, tensorboard=False)
+        loop = Loop(cfg, workers, sink, run_dir, str(resolve_model_dir(cfg.model)), Console(quiet=True))
+        loop._broadcast()
+        metrics, _ = loop._iteration(0, loop._launch())
+        sink.log(0, metrics)
+        saved = loop._save(0)
+        ray.kill(workers.samplers[0])
+        with pytest.raises(ActorFailure, match="sampler"):
+            loop._iteration(1, loop._launch())
+        sink.close()
+        assert (saved / "adapter_model.safetensors").is_file()  # the earlier checkpoint is intact
+        assert read_metrics(run_dir / "metrics.jsonl")[0]["iteration"] == 0  # and so is the log
+        workers.kill()
+    finally:
+        ray.shutdown()
+
+
+def test_unreachable_reward_server_is_named(tiny_overrides: list[str]) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    try:
+        cfg = load_config(CONFIG, [*tiny_overrides])
+        cfg.reward.models[0].name, cfg.reward.models[0].url = "http", url
+        with pytest.raises(ActorFailure, match=r"127\.0\.0\.1"):
+            train(cfg, Console(quiet=True))
+    finally:
+        ray.shutdown()
