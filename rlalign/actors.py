@@ -113,6 +113,7 @@ def branch_cfg(cfg: RunCfg) -> BranchCfg | None:
         guidance_step=t.eta_g,
         guidance_norm=t.guidance_norm,
         guidance_mode=t.guidance_grad,
+        guide_loser=t.guide_loser,
     )
 
 

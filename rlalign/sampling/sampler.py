@@ -56,6 +56,7 @@ class BranchCfg:
     guidance_step: float = 0.1  # eta_g
     guidance_norm: str = "rms_sigma"  # rms_sigma: shift of eta_g noise std per element | none: raw eta_g * grad
     guidance_mode: str = "full"  # full: backprop through the U-Net in x0-hat | stopgrad_eps: skip that Jacobian
+    guide_loser: bool = False  # also push the dispreferred candidate down the reward gradient (symmetric option)
 
 
 class Sampler:
@@ -219,6 +220,8 @@ class Sampler:
         if cfg.guide and self.scorer.differentiable:
             x_w = self._guide(cfg, x_w, s, cond, list(batch.prompts), std)
             e_next = self._eps(x_w, s, cond) if int(s) >= 0 else None  # x moved: its eps must be recomputed
+            if cfg.guide_loser:
+                x_l = self._guide(cfg, x_l, s, cond, list(batch.prompts), std, sign=-1.0)
         return x_w, x_l, valid, r_w, r_l, e_next
 
     def _reward_targets(self, target: str, flat: Tensor, e_c: Tensor | None, s: Tensor, cond: Tensor) -> Tensor:
@@ -237,8 +240,10 @@ class Sampler:
             x = mean
         return x
 
-    def _guide(self, cfg: BranchCfg, x_w: Tensor, s: Tensor, cond: Tensor, prompts: list[str], std: Tensor) -> Tensor:
-        """x^+ = x^w + eta_g * normalise(d reward / d x^w), chained through x0-hat and the VAE decoder (3.2)."""
+    def _guide(
+        self, cfg: BranchCfg, x_w: Tensor, s: Tensor, cond: Tensor, prompts: list[str], std: Tensor, sign: float = 1.0
+    ) -> Tensor:
+        """x^+ = x^w + sign * eta_g * normalise(d reward / d x^w), chained through x0-hat and the VAE decoder (3.2)."""
         assert self.scorer is not None
         x = x_w.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -261,7 +266,7 @@ class Sampler:
             step = cfg.guidance_step * _bcast(std, g) * g / rms
         else:
             step = cfg.guidance_step * g
-        return (x_w + step).detach()
+        return (x_w + sign * step).detach()
 
 
 def _bcast(std: Tensor, like: Tensor) -> Tensor:
