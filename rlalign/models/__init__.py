@@ -1,0 +1,1 @@
+"""Model construction: the embedded digits model, loading local diffusers pipelines, the LoRA denoiser."""
