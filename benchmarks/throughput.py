@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -35,7 +36,7 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def timed(fn, repeats: int = 2) -> float:  # noqa: ANN001
+def timed(fn: Callable[[], object], repeats: int = 2) -> float:
     fn()  # warm-up (first-call allocations, lazy imports)
     start = time.perf_counter()
     for _ in range(repeats):
