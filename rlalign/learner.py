@@ -101,7 +101,8 @@ class Learner:
             mb = slice_rows(batch, lo, min(lo + size, rows))
             share = num_rows(mb) / rows
             out = self.algo.loss(self.algo.forward(self.model, mb, self.algo_cfg), self.algo_cfg)
-            (out.loss * share).backward()
+            if out.loss.requires_grad:  # rows the algorithm masks out (TailorPO std < min_std) leave no graph
+                (out.loss * share).backward()
             total += float(out.loss.detach()) * share
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * share
