@@ -42,9 +42,19 @@ class RewardError(RuntimeError):
 @dataclass
 class _Done:
     value: Any
+    error: Exception | None = None  # raised by result(), like a future, so RewardSet names the failing reward
 
     def result(self, timeout: float | None = None) -> Any:
+        if self.error is not None:
+            raise self.error
         return self.value
+
+
+def _call(fn: Any, *args: Any) -> _Done:
+    try:
+        return _Done(fn(*args))
+    except Exception as err:
+        return _Done(None, err)
 
 
 class LocalRewardHandle:
@@ -55,10 +65,10 @@ class LocalRewardHandle:
         self.differentiable = bool(getattr(server, "differentiable", False))
 
     def submit(self, images: np.ndarray, prompts: list[str]) -> Pending:
-        return _Done(self.server.score(images, prompts))
+        return _call(self.server.score, images, prompts)
 
     def submit_grad(self, images: np.ndarray, prompts: list[str]) -> Pending:
-        return _Done(self.server.score_and_grad(images, prompts))
+        return _call(self.server.score_and_grad, images, prompts)
 
 
 @dataclass

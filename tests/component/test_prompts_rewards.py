@@ -1,0 +1,300 @@
+"""Prompt source (determinism, cursor, group ids, seeds vs eval seeds) and the reward set (weighted merge, metrics,
+normalisation, errors that name the reward). No diffusion model: rollouts are synthetic images."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from reward_servers.base import RewardServer
+from reward_servers.registry import make_reward
+from rlalign.config import EvalCfg, PromptsCfg, RewardSpec, load_config
+from rlalign.prompts import PromptSource, PromptSourceState, eval_batches, load_prompts
+from rlalign.rewards import LocalRewardHandle, RewardError, RewardSet
+from rlalign.types import PromptBatch, Rollout
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flat(batches: list[PromptBatch]) -> tuple[list[str], list[int], list[int]]:
+    return (
+        [p for b in batches for p in b.prompts],
+        [int(g) for b in batches for g in b.group_ids],
+        [int(s) for b in batches for s in b.seeds],
+    )
+
+
+def test_prompt_source_is_deterministic_per_seed() -> None:
+    cfg = PromptsCfg()
+    a = [flat(PromptSource(cfg, 3).next(4, 2, 2)) for _ in range(2)]
+    assert a[0] == a[1]
+    src1, src2 = PromptSource(cfg, 3), PromptSource(cfg, 3)
+    for _ in range(5):
+        assert flat(src1.next(3, 2, 2)) == flat(src2.next(3, 2, 2))
+    other = flat(PromptSource(cfg, 4).next(4, 2, 2))
+    assert other[0] != a[0][0], "another run seed should shuffle the prompts differently"
+
+
+def test_prompt_source_layout_and_cursor() -> None:
+    cfg = PromptsCfg()
+    src = PromptSource(cfg, 0)
+    batches = src.next(3, 4, 2)
+    assert len(batches) == 2 and all(len(b) == 12 for b in batches)
+    assert src.state == PromptSourceState(cursor=6, images=24, groups=6)
+    for b in batches:
+        for g in range(3):
+            rows = slice(4 * g, 4 * g + 4)
+            assert len(set(b.prompts[rows])) == 1, "a group is one prompt repeated"
+            assert len(set(b.group_ids[rows].tolist())) == 1
+            assert len(set(b.seeds[rows].tolist())) == 4, "distinct seeds inside a group"
+    # an epoch visits every prompt exactly once
+    n = len(src.prompts)
+    epoch = PromptSource(cfg, 0).next(n, 1, 1)[0]
+    assert sorted(epoch.prompts) == sorted(load_prompts(cfg))
+
+
+def test_prompt_source_resumes_from_its_state() -> None:
+    cfg = PromptsCfg()
+    straight = PromptSource(cfg, 5)
+    straight.next(7, 2, 1)
+    expected = flat(straight.next(3, 2, 2))
+    first = PromptSource(cfg, 5)
+    first.next(7, 2, 1)
+    resumed = PromptSource(cfg, 5)
+    resumed.state = replace(first.state)
+    assert flat(resumed.next(3, 2, 2)) == expected
+    # wrapping past an epoch reshuffles but keeps going
+    many = PromptSource(cfg, 5).next(len(straight.prompts) + 5, 1, 1)[0]
+    assert len(many) == len(straight.prompts) + 5
+
+
+def test_group_ids_are_unique_per_group_across_splits_and_calls() -> None:
+    src = PromptSource(PromptsCfg(), 0)
+    seen: dict[int, tuple[str, set[int]]] = {}
+    all_seeds: list[int] = []
+    for _ in range(4):
+        for b in src.next(2, 3, 3):
+            for p, g, s in zip(b.prompts, b.group_ids.tolist(), b.seeds.tolist()):
+                prompt, seeds = seen.setdefault(g, (p, set()))
+                assert prompt == p
+                seeds.add(s)
+                all_seeds.append(s)
+    assert len(seen) == 4 * 2 * 3
+    assert all(len(s) == 3 for _, s in seen.values())
+    assert len(set(all_seeds)) == len(all_seeds), "training seeds never repeat"
+
+
+@pytest.mark.parametrize("run_seed", [0, 1, 9, 10, 11, 12345])
+def test_eval_seeds_are_disjoint_from_training_seeds(run_seed: int) -> None:
+    cfg = PromptsCfg()
+    eval_seed = EvalCfg().seed
+    ev = eval_batches(cfg, 2, eval_seed, splits=3)
+    ev_seeds = {int(s) for b in ev for s in b.seeds}
+    assert len(ev_seeds) == sum(len(b) for b in ev) == 2 * len(load_prompts(cfg))
+    src = PromptSource(cfg, run_seed)
+    train_seeds = {int(s) for b in src.next(50, 4, 4) for s in b.seeds}  # 800 images
+    assert not ev_seeds & train_seeds
+    # a long run: a million training images of this run seed still never reach the eval seeds
+    src.state = PromptSourceState(cursor=0, images=1_000_000, groups=0)
+    far = {int(s) for b in src.next(50, 4, 1) for s in b.seeds}
+    assert not ev_seeds & far
+    lo, hi = run_seed * 1_000_003, max(far)
+    assert not any(lo <= s <= hi for s in ev_seeds)
+
+
+def test_eval_batches_are_fixed_and_split_evenly() -> None:
+    cfg = PromptsCfg()
+    a, b = eval_batches(cfg, 2, 100, splits=3), eval_batches(cfg, 2, 100, splits=3)
+    assert flat(a) == flat(b)
+    assert len(a) == 3 and max(len(x) for x in a) - min(len(x) for x in a) <= 1
+    one = eval_batches(cfg, 2, 100, splits=1)
+    assert flat(one) == flat(a), "splitting does not change which (prompt, seed) pairs are evaluated"
+    assert min(flat(one)[2]) == 100
+
+
+def test_prompt_file_source(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text("# comment\na cat\n\na dog\n")
+    cfg = PromptsCfg(source="file", path=str(path))
+    assert load_prompts(cfg) == ["a cat", "a dog"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(PromptsCfg(source="file", path=str(empty)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rewards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_rollout(groups: int = 3, per_group: int = 4, seed: int = 0) -> Rollout:
+    """Images with distinct brightness and detail per row; only prompts, group ids and images matter here."""
+    rng = np.random.default_rng(seed)
+    b = groups * per_group
+    base = rng.integers(0, 256, size=(b, 1, 1, 3))
+    noise = rng.integers(0, 256, size=(b, 16, 16, 3)) * rng.uniform(0, 1, size=(b, 1, 1, 1))
+    images = ((base + noise) / 2).clip(0, 255).astype(np.uint8)
+    steps = 2
+    return Rollout(
+        prompts=[f"prompt {i // per_group}" for i in range(b)],
+        group_ids=torch.arange(groups).repeat_interleave(per_group),
+        seeds=torch.arange(b),
+        images=images,
+        latents=torch.zeros(b, steps + 1, 4, 2, 2),
+        log_probs=torch.zeros(b, steps),
+        timesteps=torch.tensor([500, 0]),
+        prompt_embeds=torch.zeros(b, 3, 8),
+        negative_embeds=torch.zeros(1, 3, 8),
+        policy_version=0,
+    )
+
+
+def reward_set(*specs: RewardSpec) -> RewardSet:
+    names = RewardSet.component_names(list(specs))
+    handles = [LocalRewardHandle(n, RewardServer(lambda s=s: make_reward(s.name))) for n, s in zip(names, specs)]
+    return RewardSet(list(specs), handles)
+
+
+def test_score_rollout_weighted_sum_and_metrics() -> None:
+    r = synthetic_rollout()
+    rs = reward_set(RewardSpec(name="jpeg", weight=0.5), RewardSpec(name="brightness", weight=2.0))
+    scored = rs.score_rollout(r)
+    jpeg = make_reward("jpeg").score(r.images, r.prompts)
+    bright = make_reward("brightness").score(r.images, r.prompts)
+    assert scored.components.keys() == {"jpeg", "brightness"}
+    np.testing.assert_allclose(scored.components["jpeg"].numpy(), jpeg)
+    np.testing.assert_allclose(scored.components["brightness"].numpy(), bright)
+    np.testing.assert_allclose(scored.scores.numpy(), 0.5 * jpeg + 2.0 * bright, rtol=1e-6, atol=1e-6)
+    assert scored.scores.dtype == torch.float32 and scored.scores.shape == (len(r),)
+    assert scored.rollout is r
+    m = scored.metrics
+    assert m["reward/jpeg/mean"] == pytest.approx(float(jpeg.mean()))
+    assert m["reward/jpeg/std"] == pytest.approx(float(jpeg.std()))
+    assert m["reward/brightness/mean"] == pytest.approx(float(bright.mean()))
+    assert m["reward/weighted/mean"] == pytest.approx(float((0.5 * jpeg + 2.0 * bright).mean()), rel=1e-5)
+    total = 0.5 * jpeg + 2.0 * bright
+    gids = r.group_ids.numpy()
+    assert m["reward/group_std_mean"] == pytest.approx(
+        float(np.mean([total[gids == g].std() for g in range(3)])), rel=1e-5
+    )
+    # the StepScorer view is the same raw weighted sum
+    np.testing.assert_allclose(rs.score(r.images, r.prompts), total, rtol=1e-6, atol=1e-6)
+    assert rs.differentiable  # brightness gives gradients
+
+
+def test_group_normalisation_per_component() -> None:
+    r = synthetic_rollout(groups=3, per_group=4)
+    rs = reward_set(RewardSpec(name="brightness", weight=3.0, normalize="group"), RewardSpec(name="jpeg", weight=0.0))
+    scored = rs.score_rollout(r)
+    s = scored.scores.numpy() / 3.0
+    gids = r.group_ids.numpy()
+    for g in range(3):
+        assert abs(s[gids == g].mean()) < 1e-5
+        assert s[gids == g].std() == pytest.approx(1.0, abs=1e-3)
+    # the raw component is still logged unnormalised
+    np.testing.assert_allclose(
+        scored.components["brightness"].numpy(), make_reward("brightness").score(r.images, r.prompts)
+    )
+    # ranking inside each group is the raw ranking
+    raw = scored.components["brightness"].numpy()
+    for g in range(3):
+        assert (np.argsort(s[gids == g]) == np.argsort(raw[gids == g])).all()
+
+
+def test_running_normalisation_state_roundtrip() -> None:
+    spec = RewardSpec(name="brightness", normalize="running")
+    rs = reward_set(spec)
+    first = rs.score_rollout(synthetic_rollout(seed=0))
+    assert abs(float(first.scores.mean())) < 1e-5
+    state = rs.state_dict()
+    again = reward_set(spec)
+    again.load_state_dict(state)
+    nxt = synthetic_rollout(seed=1)
+    torch.testing.assert_close(again.score_rollout(nxt).scores, rs.score_rollout(nxt).scores)
+
+
+def test_duplicate_reward_names_get_indexed_components() -> None:
+    rs = reward_set(RewardSpec(name="brightness", weight=1.0), RewardSpec(name="brightness", weight=2.0))
+    scored = rs.score_rollout(synthetic_rollout())
+    assert set(scored.components) == {"brightness_0", "brightness_1"}
+    torch.testing.assert_close(scored.scores, 3.0 * scored.components["brightness_0"])
+
+
+class BadModel:
+    differentiable = False
+
+    def __init__(self, name: str, answer: Any) -> None:
+        self.name, self.answer = name, answer
+
+    def score(self, images: np.ndarray, prompts: Any) -> np.ndarray:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer(len(images))
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (lambda n: np.zeros(n - 1, np.float32), r"reward 'broken' returned \(11,\) scores for 12 images"),
+        (lambda n: np.full(n, np.nan, np.float32), r"reward 'broken' returned"),
+        (RuntimeError("model exploded"), r"reward 'broken' failed: RuntimeError: model exploded"),
+    ],
+)
+def test_bad_reward_raises_reward_error_naming_it(answer: Any, match: str) -> None:
+    good = RewardSpec(name="brightness")
+    bad = RewardSpec(name="broken")
+    handles = [
+        LocalRewardHandle("brightness", RewardServer(lambda: make_reward("brightness"))),
+        LocalRewardHandle("broken", BadModelServer(BadModel("broken", answer))),
+    ]
+    rs = RewardSet([good, bad], handles)
+    with pytest.raises(RewardError, match=match):
+        rs.score_rollout(synthetic_rollout())
+
+
+class BadModelServer:
+    """Like RewardServer but without its checks, so the model's garbage reaches the RewardSet."""
+
+    differentiable = False
+
+    def __init__(self, model: BadModel) -> None:
+        self.model = model
+
+    def score(self, images: np.ndarray, prompts: Any) -> np.ndarray:
+        return self.model.score(images, prompts)
+
+
+def test_score_and_grad_needs_a_differentiable_reward() -> None:
+    rs = reward_set(RewardSpec(name="jpeg"))
+    assert not rs.differentiable
+    images = np.zeros((2, 8, 8, 3), np.float32)
+    with pytest.raises(RewardError, match="no differentiable reward"):
+        rs.score_and_grad(images, ["a", "b"])
+    mixed = reward_set(RewardSpec(name="jpeg", weight=5.0), RewardSpec(name="brightness", weight=2.0))
+    scores, grad = mixed.score_and_grad(np.full((2, 8, 8, 3), 0.25, np.float32), ["a", "b"])
+    np.testing.assert_allclose(scores, [0.5, 0.5])  # only the differentiable part: 2 * 0.25
+    np.testing.assert_allclose(grad, np.full((2, 8, 8, 3), 2.0 / (8 * 8 * 3)), rtol=1e-6)
+
+
+def test_reward_specs_and_handles_must_match() -> None:
+    with pytest.raises(ValueError, match="2 reward specs but 1 handles"):
+        RewardSet([RewardSpec(name="jpeg"), RewardSpec(name="brightness")], [LocalRewardHandle("jpeg", None)])
+
+
+def test_tiny_config_reward_section_loads() -> None:
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
+        ["reward.models=[{name: jpeg, weight: 0.5}, {name: brightness, weight: 2.0, normalize: group}]"],
+    )
+    assert [(m.name, m.weight, m.normalize) for m in cfg.reward.models] == [
+        ("jpeg", 0.5, "none"),
+        ("brightness", 2.0, "group"),
+    ]
