@@ -41,8 +41,9 @@ def staging_dir(run_dir: Path, iteration: int) -> Path:
     return path
 
 
-def commit(run_dir: Path, staged: Path, iteration: int, state: dict[str, Any], config_yaml: str,
-           keep_last: int) -> Path:
+def commit(
+    run_dir: Path, staged: Path, iteration: int, state: dict[str, Any], config_yaml: str, keep_last: int
+) -> Path:
     """Write state.json + config.yaml, rename the staged dir into place, point `latest` at it, rotate."""
     (staged / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
     (staged / "config.yaml").write_text(config_yaml)
@@ -61,8 +62,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp")
-                  and (p / "state.json").is_file())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp") and (p / "state.json").is_file()
+    )
 
 
 def rotate(run_dir: Path, keep_last: int) -> None:

@@ -43,16 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(train)
     train.add_argument("--address", help="join this Ray cluster (auto, ray://host:port) instead of starting one")
-    train.add_argument("--async", dest="async_mode", action="store_true",
-                       help="overlap sampling of iteration k+1 with learning on k (same as ray.mode=async)")
+    train.add_argument(
+        "--async",
+        dest="async_mode",
+        action="store_true",
+        help="overlap sampling of iteration k+1 with learning on k (same as ray.mode=async)",
+    )
 
-    cfg = sub.add_parser("config", help="print the resolved config (defaults <- file <- overrides)",
-                         description="Load, validate and print a config exactly as `train` would use it.")
+    cfg = sub.add_parser(
+        "config",
+        help="print the resolved config (defaults <- file <- overrides)",
+        description="Load, validate and print a config exactly as `train` would use it.",
+    )
     _config_args(cfg)
 
-    base = sub.add_parser("base", help="build the embedded base model",
-                          description="Build the embedded digits text-to-image model (cached; built on first use "
-                          "by `train` too).")
+    base = sub.add_parser(
+        "base",
+        help="build the embedded base model",
+        description="Build the embedded digits text-to-image model (cached; built on first use by `train` too).",
+    )
     base.add_argument("which", choices=["digits"], help="which embedded model")
     base.add_argument("--cache-dir", help="cache directory (default $RLALIGN_CACHE or ~/.cache/rlalign)")
     base.add_argument("--seed", type=int, default=0)
@@ -118,8 +127,7 @@ def _train(cfg, console) -> int:
         result = train(cfg, console)
     except (ActorFailure, ModelDirError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {err}")
-        console.print("run files (config, metrics.jsonl, checkpoints saved so far) are kept under "
-                      f"{cfg.out_dir}/")
+        console.print(f"run files (config, metrics.jsonl, checkpoints saved so far) are kept under {cfg.out_dir}/")
         return 1
     console.print(summary_table(result))
     console.print(f"run directory : {result.run_dir}")

@@ -257,8 +257,11 @@ def validate(cfg: RunCfg) -> None:
     section = getattr(cfg, algo.cfg_key)
     for name in ("eta", "guidance_scale"):
         if algo.cfg_key in ("tailorpo", "ddpo") and getattr(section, name) != getattr(s, name):
-            fail(f"{algo.cfg_key}.{name}", f"must equal sampler.{name} ({getattr(s, name)}): the learner scores "
-                 f"the sampler's own policy; set both, got {getattr(section, name)}")
+            fail(
+                f"{algo.cfg_key}.{name}",
+                f"must equal sampler.{name} ({getattr(s, name)}): the learner scores "
+                f"the sampler's own policy; set both, got {getattr(section, name)}",
+            )
 
 
 def to_yaml(cfg: RunCfg) -> str:

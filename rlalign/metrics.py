@@ -16,8 +16,15 @@ import numpy as np
 
 
 class MetricSink:
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False, wandb_project: str = "",
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
@@ -56,8 +63,9 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def save_image_grid(images: np.ndarray, captions: Sequence[str], path: Path, *, columns: int = 8,
-                    scale: int = 4) -> Path:
+def save_image_grid(
+    images: np.ndarray, captions: Sequence[str], path: Path, *, columns: int = 8, scale: int = 4
+) -> Path:
     """[B, H, W, 3] uint8 -> a PNG grid, each tile upscaled `scale`x (nearest) with its caption beneath."""
     from PIL import Image, ImageDraw
 
@@ -88,8 +96,12 @@ def plot_reward_curve(rows: list[dict[str, float]], path: Path, *, keys: Sequenc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(keys or sorted({k for r in rows for k in r if k.startswith(("reward/", "eval/")) and
-                                k.endswith(("mean", "accuracy"))}))
+    keys = list(
+        keys
+        or sorted(
+            {k for r in rows for k in r if k.startswith(("reward/", "eval/")) and k.endswith(("mean", "accuracy"))}
+        )
+    )
     if not rows or not keys:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -119,8 +119,11 @@ class RewardSet:
 
     def score_and_grad(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         plist = list(prompts)
-        pending = [(s, n, h.submit_grad(images, plist)) for s, n, h in zip(self.specs, self.names, self.handles)
-                   if h.differentiable]
+        pending = [
+            (s, n, h.submit_grad(images, plist))
+            for s, n, h in zip(self.specs, self.names, self.handles)
+            if h.differentiable
+        ]
         if not pending:
             raise RewardError("no differentiable reward model is configured (TailorPO-G needs one)")
         total = np.zeros(len(images), np.float32)

@@ -107,9 +107,7 @@ def add_fresh_lora(unet: Any, lora_cfg: LoraCfg, seed: int = 0) -> None:
     """Attach a peft LoRA to the U-Net's matching modules; B starts at zero so policy == reference."""
     from peft import LoraConfig
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()} | {
-        name for name, _ in unet.named_modules()
-    }
+    names = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()} | {name for name, _ in unet.named_modules()}
     targets = [t for t in lora_cfg.target_modules if t in names or any(n.endswith("." + t) for n in names)]
     if not targets:
         raise ValueError(f"lora.target_modules {lora_cfg.target_modules} match no U-Net module")
