@@ -54,7 +54,7 @@ def commit(
     tmp = checkpoint_root(run_dir) / (LATEST + ".tmp")
     tmp.write_text(final.name + "\n")
     os.replace(tmp, checkpoint_root(run_dir) / LATEST)
-    rotate(run_dir, keep_last)
+    rotate(run_dir, keep_last, protect=final)
     return final
 
 
@@ -69,11 +69,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     )
 
 
-def rotate(run_dir: Path, keep_last: int) -> None:
+def rotate(run_dir: Path, keep_last: int, protect: Path | None = None) -> None:
+    """Keep the newest `keep_last` checkpoints by iteration, and always `protect` (the one `latest` names: after
+    resuming from an older checkpoint, the newest by name is not the newest written)."""
     if keep_last <= 0:
         return
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if protect is None or old.resolve() != protect.resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path:

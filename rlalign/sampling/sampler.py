@@ -85,6 +85,9 @@ class Sampler:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"LoRA update {update.version} has keys this U-Net lacks: {unexpected[:3]}")
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing:  # a partial update would silently mix two versions of the adapter
+            raise ValueError(f"LoRA update {update.version} lacks {len(missing)} adapter tensors, e.g. {missing[:2]}")
         self.version = update.version
         return self.version
 
