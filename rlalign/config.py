@@ -139,6 +139,8 @@ class RunCfg:
     out_dir: str = "runs"
     seed: int = 0
     iterations: int = 30
+    # stop after the iteration that crosses this many minutes of training (0: no limit); eval and save still run
+    time_budget_min: float = 0.0
     algo: str = "tailorpo"  # a name from rlalign.algos.ALGORITHMS
     resume: str | None = None  # None | latest | a checkpoint directory
     model: ModelCfg = field(default_factory=ModelCfg)

@@ -169,6 +169,7 @@ class Loop:
         self.sink.log(self.start_iter, result.before)
         self.console.print("before: " + _fmt(result.before))
         it = self.start_iter
+        budget_s, t_start = cfg.time_budget_min * 60.0, time.perf_counter()
         try:
             with _progress(self.console) as progress:
                 task = progress.add_task("training", total=cfg.iterations, completed=self.start_iter, stats="")
@@ -186,6 +187,11 @@ class Loop:
                     progress.update(task, advance=1, stats=_progress_stats(metrics))
                     it += 1
                     result.iterations_done = it
+                    if budget_s and time.perf_counter() - t_start > budget_s and it < cfg.iterations:
+                        self.console.print(f"time budget of {cfg.time_budget_min:g} min reached after {it} iterations")
+                        if pending is not None:
+                            self._drain(pending)
+                        break
                     if pending is None and it < cfg.iterations:
                         pending = self._launch()
         except KeyboardInterrupt:
@@ -195,11 +201,11 @@ class Loop:
         except ActorFailure:
             self._save_quietly(it - 1)
             raise
-        if cfg.iterations > self.start_iter:
-            self._save(cfg.iterations - 1)
+        if it > self.start_iter and (self.last_ckpt is None or self.last_ckpt.name != ckpt.checkpoint_name(it - 1)):
+            self._save(it - 1)
         result.last_checkpoint = self.last_ckpt
-        result.after = self.evaluate(cfg.iterations, "after")
-        self.sink.log(cfg.iterations, result.after)
+        result.after = self.evaluate(it, "after")
+        self.sink.log(it, result.after)
         self.console.print("after:  " + _fmt(result.after))
         return result
 
