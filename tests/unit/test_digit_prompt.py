@@ -54,7 +54,8 @@ def test_digit_from_prompt_rejects(prompt: object, match: str) -> None:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[DigitClassifier, float]:
-    torch.set_num_threads(2)
+    # one thread: on the shared 2-core machine two OpenMP threads next to other jobs ran up to 10x slower
+    torch.set_num_threads(1)
     return train_digit_classifier(IMAGE_SIZE, seed=0)
 
 
