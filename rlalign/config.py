@@ -107,7 +107,7 @@ class LearnerCfg:
 @dataclass
 class RayCfg:
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port joins a cluster
-    mode: str = "sync"  # sync | async (samplers render iteration k+1 while the learner trains on k)
+    mode: str = "async"  # async (samplers render iteration k+1 while the learner trains on k) | sync
     max_policy_lag: int = 1  # async: a rollout may be at most this many LoRA versions behind
     num_cpus: int | None = None  # embedded Ray: CPUs to offer (None: the machine's)
     include_dashboard: bool = False
@@ -138,9 +138,10 @@ class RunCfg:
     name: str = "digits"  # run directory name under out_dir
     out_dir: str = "runs"
     seed: int = 0
-    iterations: int = 30
-    # stop after the iteration that crosses this many minutes of training (0: no limit); eval and save still run
-    time_budget_min: float = 0.0
+    iterations: int = 60
+    # stop after the iteration that crosses this many minutes of training (0: no limit); eval and save still run.
+    # The default keeps the embedded demo inside 10 minutes on 2 CPU cores.
+    time_budget_min: float = 7.0
     algo: str = "tailorpo"  # a name from rlalign.algos.ALGORITHMS
     resume: str | None = None  # None | latest | a checkpoint directory
     model: ModelCfg = field(default_factory=ModelCfg)
