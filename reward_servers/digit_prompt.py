@@ -209,7 +209,7 @@ def train_digit_classifier(
 
 def _to_nchw(images: np.ndarray) -> Tensor:
     """[B, H, W, 3] uint8 or float32 in [0, 1] -> float32 [B, 3, H, W] in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = torch.from_numpy(np.array(images, copy=True))  # Ray's object store hands out read-only arrays
     x = x.float() / 255.0 if images.dtype == np.uint8 else x.float()
     return x.permute(0, 3, 1, 2)
 
@@ -261,7 +261,7 @@ class DigitPromptReward:
         check_images(images, prompts, dtype=np.float32)
         _check_float_range(images)
         targets = self._targets(prompts)
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).requires_grad_(True)
+        x = torch.from_numpy(np.array(images, copy=True))  # Ray's object store hands out read-only arrays.to(self.device).requires_grad_(True)
         with torch.enable_grad():
             reward = self._reward(x.permute(0, 3, 1, 2), targets)
             (grad,) = torch.autograd.grad(reward.sum(), x)  # rows are independent, so the sum's grad is per-row
