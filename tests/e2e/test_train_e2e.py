@@ -70,3 +70,11 @@ def test_resume_latest_continues_the_run(ray_session: None, tiny_overrides: list
     rows = _train_rows(result.run_dir)
     assert [r["iteration"] for r in rows] == [0, 1, 2]  # the earlier log lines are kept
     assert rows[-1]["learner/version"] == 3.0
+
+
+def test_time_budget_stops_early_but_still_saves_and_evaluates(ray_session: None, tiny_overrides: list[str]) -> None:
+    cfg = load_config(CONFIG, ["algo=ddpo", "iterations=50", "time_budget_min=0.0001", *tiny_overrides])
+    result = train(cfg, Console(quiet=True))
+    assert result.iterations_done == 1  # the budget is checked after each iteration
+    assert (result.run_dir / "ckpt" / "latest").read_text().strip() == "iter_000000"
+    assert "eval/digit_accuracy" in result.after
