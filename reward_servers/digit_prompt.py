@@ -261,7 +261,7 @@ class DigitPromptReward:
         check_images(images, prompts, dtype=np.float32)
         _check_float_range(images)
         targets = self._targets(prompts)
-        x = torch.from_numpy(np.array(images, copy=True))  # Ray's object store hands out read-only arrays.to(self.device).requires_grad_(True)
+        x = torch.from_numpy(np.array(images, copy=True)).to(self.device).requires_grad_(True)
         with torch.enable_grad():
             reward = self._reward(x.permute(0, 3, 1, 2), targets)
             (grad,) = torch.autograd.grad(reward.sum(), x)  # rows are independent, so the sum's grad is per-row
