@@ -121,8 +121,9 @@ def test_tailorpo_overfits_a_fixed_batch(tiny_overrides: list[str]) -> None:
 
 
 def test_diffusion_dpo_overfits_a_fixed_batch(tiny_overrides: list[str]) -> None:
-    # every update draws fresh (t, noise), so loss/first is noisy; judge on one held (t, noise) draw instead
-    cfg, make_parts = setup_run(tiny_overrides, "diffusion_dpo", "learner.lr=1e-3")
+    # every update draws fresh (t, noise) from the learner's generator; re-seeding it before each update makes the
+    # batch truly fixed (same pairs, t and noise), so the loss on exactly that batch must fall
+    cfg, make_parts = setup_run(tiny_overrides, "diffusion_dpo", "learner.lr=1e-3", "diffusion_dpo.beta=100")
     learner = Learner(cfg, make_parts)
     scored = scored_rollouts(cfg, make_parts)
     held = learner.algo.build_batch(scored, learner.algo_cfg, torch.Generator().manual_seed(5))
@@ -136,6 +137,7 @@ def test_diffusion_dpo_overfits_a_fixed_batch(tiny_overrides: list[str]) -> None
     start = held_loss()
     assert abs(start - math.log(2)) < 1e-6
     for _ in range(8):
+        learner.generator.manual_seed(5)
         learner.update(scored)
     assert held_loss() < start - 0.1
 
