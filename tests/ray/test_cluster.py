@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +63,10 @@ def test_samplers_spread_over_two_nodes(tiny_overrides: list[str]) -> None:
 
 @pytest.fixture
 def head_node() -> Iterator[str]:
+    """A `ray start --head` cluster of its own; stopped by killing only its processes (`ray stop` would kill every
+    Ray on the machine, a developer's training run included)."""
     port, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rlj", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     subprocess.run(
         [
             str(BIN / "ray"),
@@ -72,6 +77,7 @@ def head_node() -> Iterator[str]:
             f"--dashboard-port={dash}",
             "--num-cpus=4",
             "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
         ],
         check=True,
         env=ENV,
@@ -81,7 +87,9 @@ def head_node() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True, timeout=60)
+        subprocess.run(["pkill", "-9", "-f", f"--gcs-address=[^ ]*:{port}"], capture_output=True, timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_two_iterations(head_node: str, tiny_overrides: list[str], tmp_path: Path) -> None:
