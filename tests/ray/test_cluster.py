@@ -3,6 +3,7 @@ embedded local Ray of `rlalign train` (started and stopped by the command itself
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -87,9 +88,21 @@ def head_node() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True, timeout=60)
-        subprocess.run(["pkill", "-9", "-f", f"--gcs-address=[^ ]*:{port}"], capture_output=True, timeout=60)
+        _kill_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_cluster(temp_dir: str) -> None:
+    """Kill the processes whose command line names `temp_dir` (GCS, raylet, dashboard) and all their descendants
+    (agents and workers rename themselves to `ray::...`, so they are found through their parents)."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+    for proc in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(list(procs.values()), timeout=30)
 
 
 def test_ray_job_submit_runs_two_iterations(head_node: str, tiny_overrides: list[str], tmp_path: Path) -> None:
