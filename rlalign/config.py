@@ -117,7 +117,7 @@ class RayCfg:
 
 @dataclass
 class EvalCfg:
-    every: int = 0  # evaluate every N iterations (0: only before and after training)
+    every: int = 20  # also evaluate every N iterations (0: only before and after training): points on the curve
     images_per_prompt: int = 5  # held-out images per eval prompt (40 digit prompts x 5 = 200 images)
     # eval seeds start here, above every training seed (run seed * 1_000_003 + images; 10_000_000 collided at seed 10)
     seed: int = 1 << 62

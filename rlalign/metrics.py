@@ -99,7 +99,9 @@ def plot_reward_curve(rows: list[dict[str, float]], path: Path, *, keys: Sequenc
     keys = list(
         keys
         or sorted(
-            {k for r in rows for k in r if k.startswith(("reward/", "eval/")) and k.endswith(("mean", "accuracy"))}
+            k
+            for k in {k for r in rows for k in r}
+            if k.startswith(("reward/", "eval/")) and k.endswith(("/mean", "accuracy")) and "group_std" not in k
         )
     )
     if not rows or not keys:
