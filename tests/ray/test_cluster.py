@@ -37,11 +37,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ray_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
-
-
 def test_samplers_spread_over_two_nodes(tiny_overrides: list[str]) -> None:
     from ray.cluster_utils import Cluster
 
@@ -138,17 +133,22 @@ def test_ray_job_submit_runs_two_iterations(head_node: str, tiny_overrides: list
 
 
 def test_cli_starts_and_stops_its_own_ray(tiny_overrides: list[str], tmp_path: Path) -> None:
-    before = _ray_pids()
+    import psutil
+
+    ray_tmp = tempfile.mkdtemp(prefix="rlc", dir="/tmp")  # this run's cluster lives here (short: socket paths)
     proc = subprocess.run(
         [str(BIN / "rlalign"), "train", CONFIG, "algo=diffusion_dpo", *tiny_overrides],
-        env=ENV,
+        env={**ENV, "RAY_TMPDIR": ray_tmp},
         capture_output=True,
         text=True,
         timeout=500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "eval/digit_accuracy" in proc.stdout and "reward curve" in proc.stdout
-    assert _ray_pids() <= before  # no raylet / GCS left behind by the embedded cluster
+    assert list(Path(ray_tmp).glob("ray/session_*")), "the embedded cluster did not run under RAY_TMPDIR"
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"processes of the embedded cluster outlived the command: {left}"  # raylet, GCS, dashboard
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_bad_config_exits_with_a_message(tmp_path: Path) -> None:
