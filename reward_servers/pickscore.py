@@ -82,7 +82,7 @@ class PickScore(TorchReward):
         return cls.from_dir(directory, device)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP / GPT-2's reversible byte -> printable-unicode table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -105,7 +105,7 @@ def save_tiny(directory: str | Path, seed: int = 0) -> Path:
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
     tokenizer.save_pretrained(str(d))

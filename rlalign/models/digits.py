@@ -37,6 +37,7 @@ from reward_servers.digit_prompt import (
     load_digits_tensor,
     train_digit_classifier,
 )
+from reward_servers.pickscore import bytes_to_unicode  # the CLIP byte alphabet, written once
 
 __all__ = [
     "DIGITS_MODEL_VERSION",
@@ -160,19 +161,6 @@ SPECS: dict[str, DigitsModelSpec] = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's CLIP/GPT-2 byte -> printable unicode table (the tokenizer's base alphabet)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
     out, i = [], 0
     while i < len(symbols):
@@ -212,7 +200,7 @@ def tokenizer_words() -> list[str]:
 def write_tokenizer_files(directory: Path) -> None:
     """Write vocab.json + merges.txt (CLIP format) into `directory`."""
     merges = _train_bpe(tokenizer_words())
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     tokens = [*base, *(b + "</w>" for b in base), *("".join(m) for m in merges), "<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     directory.mkdir(parents=True, exist_ok=True)
