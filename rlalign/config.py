@@ -30,18 +30,27 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelCfg:
-    kind: str = "digits"  # digits (embedded, built on first use) | sd15 (a local diffusers StableDiffusion dir)
-    path: str | None = None  # local diffusers pipeline dir; None with kind=digits uses the cached embedded model
+    # auto: the layout of `path` decides (text_encoder_2 -> sdxl, else sd15); no path -> the embedded digits model.
+    # digits | sd15 | sdxl name it explicitly (checked against the directory's layout).
+    kind: str = "auto"
+    path: str | None = None  # local diffusers pipeline dir; None uses the cached embedded digits model
     cache_dir: str | None = None  # where the embedded model is built; None: $RLALIGN_CACHE or ~/.cache/rlalign
     size: str = "default"  # embedded digits model size: default | tiny (seconds to build; tests)
-    dtype: str = "float32"  # float32 | bfloat16 | float16 for sampler/learner U-Net weights (maths stays fp32)
-    device: str = "auto"  # auto (cuda if the actor has a GPU, else cpu) | cpu | cuda
+    device: str = "auto"  # auto (cuda if the actor holds a GPU, else cpu) | cpu | cuda
+    attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | eager (diffusers' plain AttnProcessor)
+    vae_slicing: bool = False  # decode one image at a time (less peak memory at large batch)
+    vae_tiling: bool = False  # decode in tiles (SDXL at 1024 px on small GPUs)
+    compile: bool = False  # torch.compile the U-Net (opt-in: minutes of compile on the first calls)
+    tf32: bool = True  # allow TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)
 
 
 @dataclass
 class LoraCfg:
     rank: int = 16
-    alpha: float = 16.0
+    alpha: float = 16.0  # scale = alpha / rank; kept exactly by the diffusers export
+    # a LoRA trained elsewhere (peft or diffusers format: a directory with a *.safetensors, or the file) that seeds
+    # the run instead of a fresh one; None starts from B = 0 (policy == reference)
+    init_from: str | None = None
     # U-Net modules that get adapters; attention alone is weak on the digits model (digits-calibration.md)
     target_modules: list[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -67,6 +76,9 @@ class SamplerCfg:
     eta: float = 1.0  # DDIM eta; > 0 so every step has a log-probability
     guidance_scale: float = 3.0  # classifier-free guidance w
     batch_size: int = 64  # U-Net rows per forward inside a sampler call (memory bound)
+    # weights of the sampler's U-Net, VAE and text encoders: float32 | bfloat16 | float16. Log-probs, DDIM maths and
+    # everything kept in the rollout stay float32 whatever this says.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -102,6 +114,10 @@ class LearnerCfg:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
+    # frozen base U-Net weights: float32 | bfloat16 | float16 (GradScaler). The LoRA parameters, their gradients and
+    # AdamW's state always stay float32; the forward runs under autocast in this dtype. NCP needs float32 here.
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, ~30 % slower
 
 
 @dataclass
@@ -165,10 +181,12 @@ class RunCfg:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.kind": ("digits", "sd15"),
+    "model.kind": ("auto", "digits", "sd15", "sdxl"),
     "model.size": ("default", "tiny"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"),
+    "model.attention": ("sdpa", "eager"),
+    "sampler.dtype": ("float32", "bfloat16", "float16"),
+    "learner.dtype": ("float32", "bfloat16", "float16"),
     "prompts.source": ("digits", "file"),
     "reward.target": ("x0_hat", "noisy", "final"),
     "ray.mode": ("sync", "async"),
@@ -248,8 +266,17 @@ def validate(cfg: RunCfg) -> None:
             fail(f"reward.models.{i}.normalize", f"got {spec.normalize!r}, expected none, running or group")
         if spec.name == "http" and not spec.url:
             fail(f"reward.models.{i}.url", "a reward with name=http needs url (e.g. http://127.0.0.1:8000)")
-    if cfg.model.kind != "digits" and not cfg.model.path:
+    if cfg.model.kind in ("sd15", "sdxl") and not cfg.model.path:
         fail("model.path", f"model.kind={cfg.model.kind} needs a local diffusers directory in model.path")
+    if cfg.algo.startswith("ncp_") and cfg.learner.dtype != "float32":
+        fail(
+            "learner.dtype",
+            f"{cfg.algo} compares two close latents in the U-Net's embedding space; in {cfg.learner.dtype} most "
+            "elements round to the same value (docs/precision.md). Use learner.dtype=float32 (sampler.dtype may stay "
+            "low precision)",
+        )
+    if cfg.lora.init_from and not Path(cfg.lora.init_from).expanduser().exists():
+        fail("lora.init_from", f"{cfg.lora.init_from} does not exist (a LoRA directory or .safetensors file)")
     if cfg.model.path and not Path(cfg.model.path).expanduser().is_dir():
         fail("model.path", f"directory {cfg.model.path} does not exist (rlalign never downloads weights)")
     if cfg.prompts.source == "file" and not (cfg.prompts.path and Path(cfg.prompts.path).is_file()):
