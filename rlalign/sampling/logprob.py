@@ -8,13 +8,17 @@ Pure maths, imports only torch. Adapted from diffusers 0.42.1 `DDIMScheduler.ste
 - log-probabilities: Gaussian log-density **mean over all non-batch dims** ([B,C,h,w] -> [B]), as ddpo-pytorch,
   D3PO and SPO (tailorpo.md 1.3); every beta in rlalign is defined against this mean;
 - clip_sample / thresholding are rejected (ValueError): clipping x0_hat makes the mean non-linear in the model
-  output and kills gradients, and no rlalign config uses it; `use_clipped_model_output` is not offered.
+  output and kills gradients, and no rlalign config uses it; `use_clipped_model_output` is not offered;
+- `check_scheduler` is the one place that accepts or refuses a scheduler (also used by the model loader):
+  prediction_type epsilon or v_prediction ("sample" refused), grid spaced by diffusers' stride rule;
+- `predicted_eps` / `denoising_target` let the losses that compare the model output with noise handle v_prediction.
 Coefficients are computed in float64 from `scheduler.alphas_cumprod`, then cast to the compute dtype
 (float32 for float32/bf16/fp16 inputs, float64 for float64 inputs).
 
 Notation (tailorpo.md 1.2): abar_t = alphas_cumprod[t], s = prev timestep, abar_s = alphas_cumprod[s] or
 `final_alpha_cumprod` when s < 0;
     x0_hat = (x_t - sqrt(1 - abar_t) e) / sqrt(abar_t)                     (epsilon prediction)
+    x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v,  e = sqrt(abar_t) v + sqrt(1 - abar_t) x_t   (v_prediction)
     sigma^2 = eta^2 (1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s)
     mu = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) e  =  a_t x_t + b_t e
 Shapes: B rows, C/h/w latent dims.
@@ -29,9 +33,24 @@ import torch
 from torch import Tensor
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def _check_scheduler(scheduler: Any) -> None:
+def check_scheduler(scheduler: Any) -> None:
+    """Refuse (ValueError) every DDIM scheduler config whose step rlalign's maths would get wrong.
+
+    - clip_sample / thresholding: clipping x0_hat makes the step non-Gaussian in the model output;
+    - prediction_type must be "epsilon" or "v_prediction" (every algorithm handles both); "sample" is refused by
+      name: no supported checkpoint uses it and the losses' scales (beta, DDE weights) are not defined for it;
+    - once `set_timesteps(T)` was called, the grid must be the stride grid: with stride = num_train_timesteps // T,
+      every timestep is the previous one minus stride and the last one is < stride. diffusers'
+      `DDIMScheduler.step` (and our `prev_timestep`) take s = t - stride, so on such a grid s is exactly the next
+      entry of `scheduler.timesteps` (or < 0, i.e. final_alpha_cumprod, after the last). timestep_spacing
+      "leading" with steps_offset < stride, or "trailing" with T dividing num_train_timesteps, pass; "linspace"
+      (and "trailing" otherwise) would make the sampler step to a timestep other than the one it scores next,
+      so it is refused.
+    Before `set_timesteps` only the first two checks run (the model loader calls this right after loading).
+    """
     cfg = scheduler.config
     if getattr(cfg, "thresholding", False) or getattr(cfg, "clip_sample", False):
         raise ValueError(
@@ -39,8 +58,30 @@ def _check_scheduler(scheduler: Any) -> None:
             f"non-Gaussian in the model output); got clip_sample={getattr(cfg, 'clip_sample', None)}, "
             f"thresholding={getattr(cfg, 'thresholding', None)}"
         )
-    if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"scheduler prediction_type {cfg.prediction_type!r} is not supported by rlalign (supported: "
+            f"{', '.join(PREDICTION_TYPES)})"
+        )
+    steps = getattr(scheduler, "num_inference_steps", None)
+    if steps is None:
+        return
+    stride = int(cfg.num_train_timesteps // steps)
+    ts = torch.as_tensor(scheduler.timesteps).detach().cpu().long()
+    expected = ts[0] - stride * torch.arange(ts.shape[0])
+    if stride < 1 or not torch.equal(ts, expected) or int(ts[-1]) >= stride:
+        raise ValueError(
+            f"scheduler grid {ts.tolist()[:4]}...{ts.tolist()[-2:]} (timestep_spacing="
+            f"{getattr(cfg, 'timestep_spacing', None)!r}, steps_offset={getattr(cfg, 'steps_offset', None)}, "
+            f"{steps} steps) is not spaced by num_train_timesteps // steps = {stride} down to below {stride}; "
+            "diffusers' DDIMScheduler.step steps to t - stride, which would not be the next grid timestep. Use "
+            "timestep_spacing='leading' with steps_offset < stride (or 'trailing' with a step count that divides "
+            "num_train_timesteps)"
+        )
+
+
+def _check_scheduler(scheduler: Any) -> None:
+    check_scheduler(scheduler)
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("call scheduler.set_timesteps(T) before using the DDIM policy helpers")
 
@@ -59,10 +100,19 @@ def _rows(timestep: Tensor | int, batch: int, device: torch.device) -> Tensor:
     return t
 
 
+def timestep_stride(scheduler: Any) -> int:
+    """num_train_timesteps // num_inference_steps: the gap between the sampler's grid timesteps (`check_scheduler`)."""
+    _check_scheduler(scheduler)
+    return int(scheduler.config.num_train_timesteps // scheduler.num_inference_steps)
+
+
 def prev_timestep(scheduler: Any, t: Tensor | int) -> Tensor:
-    """Previous grid timestep, diffusers' rule: `t - num_train_timesteps // num_inference_steps` (may be < 0)."""
-    stride = int(scheduler.config.num_train_timesteps // scheduler.num_inference_steps)
-    out: Tensor = torch.as_tensor(t).long() - stride
+    """Previous timestep s = t - stride (diffusers' DDIMScheduler.step rule; < 0 means final_alpha_cumprod).
+
+    `check_scheduler` refuses grids where this differs from the next entry of `scheduler.timesteps`, so on the
+    grid s is the timestep the sampler visits next. Off-grid t (DDE's re-noised timesteps) get the same rule.
+    """
+    out: Tensor = torch.as_tensor(t).long() - timestep_stride(scheduler)
     return out
 
 
@@ -83,20 +133,17 @@ def _view(v: Tensor, like: Tensor) -> Tensor:
 
 
 def _x0_eps(scheduler: Any, model_output: Tensor, abar_t: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
-    """(x0_hat, eps_hat) in compute dtype for any prediction type (diffusers' formulas)."""
+    """(x0_hat, eps_hat) in compute dtype for epsilon and v_prediction (diffusers' formulas)."""
     dt = _compute_dtype(sample)
     x, out = sample.to(dt), model_output.to(dt)
     sa, sb = _view(abar_t.sqrt(), x), _view((1 - abar_t).sqrt(), x)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
+    if scheduler.config.prediction_type == "epsilon":
         return (x - sb * out) / sa, out
-    if kind == "v_prediction":
-        return sa * x - sb * out, sa * out + sb * x
-    return out, (x - sa * out) / sb  # "sample"
+    return sa * x - sb * out, sa * out + sb * x  # v_prediction (check_scheduler refuses the rest)
 
 
 def predicted_x0(scheduler: Any, model_output: Tensor, timestep: Tensor | int, sample: Tensor) -> Tensor:
-    """x0_hat(x_t, t) [B,C,h,w] from the model output (epsilon, v_prediction or sample), unclipped.
+    """x0_hat(x_t, t) [B,C,h,w] from the model output (epsilon or v_prediction), unclipped.
 
     Equals `DDIMScheduler.step(...).pred_original_sample` for configs without clipping. For TailorPO's step-wise
     reward, call it on the candidate x_{t-1} with the *previous* timestep s and the model output at s.
@@ -104,6 +151,31 @@ def predicted_x0(scheduler: Any, model_output: Tensor, timestep: Tensor | int, s
     _check_scheduler(scheduler)
     abar_t, _ = alpha_bars(scheduler, timestep, sample.shape[0], sample.device)
     return _x0_eps(scheduler, model_output, abar_t, sample)[0]
+
+
+def predicted_eps(scheduler: Any, model_output: Tensor, timestep: Tensor | int, sample: Tensor) -> Tensor:
+    """eps_hat(x_t, t) [B,C,h,w] from the model output: the output itself (epsilon) or sqrt(abar) v + sqrt(1-abar) x_t.
+
+    For epsilon models this is `model_output` unchanged (cast to fp32/fp64), so eps-space losses stay bit-identical.
+    For v_prediction, eps_hat - eps = sqrt(abar_t) (v_hat - v) at a fixed x_t.
+    """
+    _check_scheduler(scheduler)
+    abar_t, _ = alpha_bars(scheduler, timestep, sample.shape[0], sample.device)
+    return _x0_eps(scheduler, model_output, abar_t, sample)[1]
+
+
+def denoising_target(scheduler: Any, x0: Tensor, noise: Tensor, timestep: Tensor | int) -> Tensor:
+    """The model's regression target at x_t = sqrt(abar) x0 + sqrt(1-abar) noise: [B,C,h,w].
+
+    epsilon: `noise` itself; v_prediction: v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (diffusers'
+    `DDIMScheduler.get_velocity`), computed in fp32 (fp64 for fp64 inputs).
+    """
+    _check_scheduler(scheduler)
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    abar_t, _ = alpha_bars(scheduler, timestep, x0.shape[0], x0.device)
+    dt = _compute_dtype(x0)
+    return _view(abar_t.sqrt(), x0) * noise.to(dt) - _view((1 - abar_t).sqrt(), x0) * x0.to(dt)
 
 
 def ddim_std(scheduler: Any, timestep: Tensor | int, eta: float, batch: int, device: torch.device) -> Tensor:
@@ -127,13 +199,10 @@ def ddim_mean_coeffs(
     c_dir = (1 - abar_s - std**2).clamp(min=0).sqrt()  # coefficient of eps_hat in mu
     c_x0 = abar_s.sqrt()  # coefficient of x0_hat in mu
     sa, sb = abar_t.sqrt(), (1 - abar_t).sqrt()
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":  # x0 = (x - sb e)/sa, eps = e
+    if scheduler.config.prediction_type == "epsilon":  # x0 = (x - sb e)/sa, eps = e
         a, b = c_x0 / sa, c_dir - c_x0 * sb / sa
-    elif kind == "v_prediction":  # x0 = sa x - sb v, eps = sa v + sb x
+    else:  # v_prediction: x0 = sa x - sb v, eps = sa v + sb x
         a, b = c_x0 * sa + c_dir * sb, -c_x0 * sb + c_dir * sa
-    else:  # "sample": x0 = out, eps = (x - sa out)/sb
-        a, b = c_dir / sb, c_x0 - c_dir * sa / sb
     return a, b, std
 
 
@@ -202,14 +271,20 @@ def ddim_step_with_logprob(
 def log_ratio(x: Tensor, mu_ref: Tensor, d: Tensor, std: Tensor) -> Tensor:
     """log pi_theta(x|x_t) - log pi_ref(x|x_t) [B], exact and stable (tailorpo.md 1.3 d-form).
 
-    x, mu_ref, d = mu_theta - mu_ref: [B,C,h,w]; std [B] (> 0, shared by both policies since sigma_t does not
-    depend on theta). lr = mean_{C,h,w}(2 (x - mu_ref) d - d^2) / (2 sigma^2), computed in fp32 (fp64 for fp64).
+    x, mu_ref, d = mu_theta - mu_ref: [B,C,h,w]; std [B] (shared by both policies since sigma_t does not depend
+    on theta). lr = mean_{C,h,w}(2 (x - mu_ref) d - d^2) / (2 sigma^2), computed in fp32 (fp64 for fp64).
+    sigma = 0 (a deterministic step: eta = 0, or the last step with set_alpha_to_one) has no density; such rows,
+    and rows whose sigma^2 underflows to 0 in the compute dtype, get lr = 0 with zero gradient instead of inf/NaN,
+    as `gaussian_log_prob` gives them log-prob 0. Callers exclude them anyway (TailorPO's min_std > 0).
     """
     dt = _compute_dtype(d)
     d = d.to(dt)
-    s2 = std.to(dt).view(-1, *([1] * (d.ndim - 1))) ** 2
-    elem = (2 * (x.detach().to(dt) - mu_ref.detach().to(dt)) * d - d**2) / (2 * s2)
-    return elem.mean(dim=tuple(range(1, d.ndim)))
+    s2 = std.to(dt) ** 2
+    ok = s2 > 0
+    s2v = torch.where(ok, s2, torch.ones_like(s2)).view(-1, *([1] * (d.ndim - 1)))
+    elem = (2 * (x.detach().to(dt) - mu_ref.detach().to(dt)) * d - d**2) / (2 * s2v)
+    lr = elem.mean(dim=tuple(range(1, d.ndim)))
+    return torch.where(ok, lr, torch.zeros_like(lr))
 
 
 def add_noise(alphas_cumprod: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

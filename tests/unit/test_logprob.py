@@ -6,18 +6,23 @@ import math
 
 import pytest
 import torch
-from conftest import make_scheduler
+from conftest import SD_SCHEDULE, make_scheduler
+from diffusers import DDIMScheduler
 
 from rlalign.sampling.logprob import (
+    check_scheduler,
     ddim_mean_coeffs,
     ddim_mean_std,
     ddim_std,
     ddim_step_with_logprob,
     ddpm_step,
+    denoising_target,
     gaussian_log_prob,
     log_ratio,
+    predicted_eps,
     predicted_x0,
     prev_timestep,
+    timestep_stride,
 )
 
 
@@ -35,8 +40,9 @@ def _pick(sched):  # first, a middle, the second-to-last and the last grid times
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("eta", [0.3, 1.0])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_mean_and_sample_match_diffusers_float64(steps: int, eta: float, prediction_type: str) -> None:
-    sched = _double(make_scheduler(steps, prediction_type=prediction_type))
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_mean_and_sample_match_diffusers_float64(steps: int, eta: float, prediction_type: str, spacing: str) -> None:
+    sched = _double(make_scheduler(steps, prediction_type=prediction_type, timestep_spacing=spacing))
     g = torch.Generator().manual_seed(steps)
     x = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
     e = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
@@ -185,3 +191,90 @@ def test_ddpm_step_matches_diffusers() -> None:
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
         ours = ddpm_step(sched.alphas_cumprod, e, torch.tensor(t), x, z)
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("steps", "overrides"),
+    [(10, {}), (20, {}), (50, {"steps_offset": 0}), (20, {"timestep_spacing": "trailing"}), (7, {})],
+)
+def test_prev_timestep_is_the_next_grid_entry_on_accepted_grids(steps: int, overrides: dict) -> None:
+    sched = make_scheduler(steps, **overrides)
+    check_scheduler(sched)
+    ts = [int(t) for t in sched.timesteps]
+    assert timestep_stride(sched) == 1000 // steps
+    assert [int(prev_timestep(sched, t)) for t in ts[:-1]] == ts[1:]
+    assert int(prev_timestep(sched, ts[-1])) < 0  # after the last step: final_alpha_cumprod
+    rows = prev_timestep(sched, torch.tensor(ts[:-1]))
+    assert rows.tolist() == ts[1:]
+
+
+@pytest.mark.parametrize(
+    ("steps", "overrides"),
+    [
+        (10, {"timestep_spacing": "linspace"}),  # 999, 888, ...: diffusers steps to t - 100 instead
+        (30, {"timestep_spacing": "trailing"}),  # 999, 966, 932, ...: uneven gaps
+        (10, {"steps_offset": 100}),  # leading 1000..100: the last step would not reach final_alpha_cumprod
+    ],
+)
+def test_grids_off_the_stride_rule_are_refused_by_name(steps: int, overrides: dict) -> None:
+    sched = DDIMScheduler(**{**SD_SCHEDULE, **overrides})
+    check_scheduler(sched)  # before set_timesteps only the config is checked (what the loader sees)
+    sched.set_timesteps(steps)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        check_scheduler(sched)
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        ddim_mean_std(sched, x, int(sched.timesteps[0]), x, 1.0)
+
+
+def test_sample_prediction_is_refused_by_name_before_and_after_set_timesteps() -> None:
+    bare = DDIMScheduler(**{**SD_SCHEDULE, "prediction_type": "sample"})
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        check_scheduler(bare)
+    sched = make_scheduler(10, prediction_type="sample")
+    x = torch.zeros(1, 4, 8, 8)
+    for call in (
+        lambda: ddim_mean_std(sched, x, 501, x, 1.0),
+        lambda: predicted_eps(sched, x, 501, x),
+        lambda: denoising_target(sched, x, x, 501),
+    ):
+        with pytest.raises(ValueError, match="'sample'"):
+            call()
+    check_scheduler(make_scheduler(10, prediction_type="v_prediction"))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_regression_target_and_eps_conversion_match_diffusers(prediction_type: str) -> None:
+    sched = _double(make_scheduler(10, prediction_type=prediction_type))
+    g = torch.Generator().manual_seed(8)
+    x0, noise = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([901, 451, 1])
+    x_t = sched.add_noise(x0, noise, t)
+    target = denoising_target(sched, x0, noise, t)
+    if prediction_type == "epsilon":
+        assert target is noise
+    else:
+        torch.testing.assert_close(target, sched.get_velocity(x0, noise, t), atol=1e-12, rtol=0)
+    # the exact target converts back to the true noise and the true x0 (an oracle model has zero eps error)
+    torch.testing.assert_close(predicted_eps(sched, target, t, x_t), noise, atol=1e-10, rtol=0)
+    torch.testing.assert_close(predicted_x0(sched, target, t, x_t), x0, atol=1e-10, rtol=0)
+    # eps error = sqrt(abar_t) * v error at a fixed x_t (v_prediction), = the output error (epsilon)
+    out = target + 0.1 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    scale = sched.alphas_cumprod[t].sqrt() if prediction_type == "v_prediction" else torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(
+        predicted_eps(sched, out, t, x_t) - noise, scale.view(-1, 1, 1, 1) * (out - target), atol=1e-10, rtol=0
+    )
+
+
+def test_log_ratio_of_a_zero_std_row_is_zero_with_finite_gradient() -> None:
+    g = torch.Generator().manual_seed(9)
+    x, mu_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(2))
+    d = (0.01 * torch.randn(3, 4, 8, 8, generator=g)).requires_grad_(True)
+    std = torch.tensor([0.5, 0.0, 1e-30], dtype=torch.float64)  # 1e-30 squared underflows to 0 in fp32
+    lr = log_ratio(x, mu_ref, d, std)
+    assert lr[1] == 0 and lr[2] == 0
+    s = 0.5
+    hand = ((2 * (x[0] - mu_ref[0]) * d[0] - d[0] ** 2) / (2 * s**2)).mean()
+    torch.testing.assert_close(lr[0], hand)
+    (grad,) = torch.autograd.grad(lr.sum(), d)
+    assert torch.isfinite(grad).all() and grad[1:].abs().sum() == 0 and grad[0].abs().sum() > 0
