@@ -7,6 +7,8 @@ reference's winner-loser gap in per-sample denoising error (the ELBO surrogate o
 
 Convention: `beta` multiplies the logits directly (diffusers' port, NCP code, STYLE.md); the original repo's
 `-0.5 * beta_dpo * (...)` means beta here = beta_dpo / 2 (repo 5000 -> 2500). Errors are means over C,h,w.
+The error is against the model's own regression target (`logprob.denoising_target`): the noise for epsilon models,
+v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 for v_prediction models, as the authors' train.py and diffusers' port.
 Shapes: B images, P pairs, C/h/w latents, L/D text tokens/width. Imports only torch and rlalign.
 """
 
@@ -27,7 +29,7 @@ from rlalign.algos.common import (
     per_sample_mse,
 )
 from rlalign.pairing import best_vs_worst
-from rlalign.sampling.logprob import add_noise
+from rlalign.sampling.logprob import add_noise, denoising_target
 from rlalign.types import ScoredRollouts
 
 
@@ -82,15 +84,19 @@ def build_batch(scored: ScoredRollouts, cfg: DiffusionDPOCfg, generator: torch.G
 def denoising_errors(
     model: DiffusionModel, x0_w: Tensor, x0_l: Tensor, cond_w: Tensor, cond_l: Tensor, t: Tensor, noise: Tensor
 ) -> DPOForward:
-    """One policy call (grad) and one reference call (no grad) on the stacked [2P] batch (winners first)."""
+    """One policy call (grad) and one reference call (no grad) on the stacked [2P] batch (winners first).
+
+    Errors are MSEs against the regression target of the model's prediction type (noise or v).
+    """
     x0 = torch.cat([x0_w, x0_l]).float()
     eps = torch.cat([noise, noise]).float()
     t2 = torch.cat([t, t])
     cond = torch.cat([cond_w, cond_l])
     x_t = add_noise(model.alphas_cumprod, x0, eps, t2)
-    err = per_sample_mse(model.predict(x_t, t2, cond, adapters=True), eps)
+    target = denoising_target(model.scheduler, x0, eps, t2)
+    err = per_sample_mse(model.predict(x_t, t2, cond, adapters=True), target)
     with torch.no_grad():
-        ref = per_sample_mse(model.predict(x_t, t2, cond, adapters=False), eps)
+        ref = per_sample_mse(model.predict(x_t, t2, cond, adapters=False), target)
     err_w, err_l = err.chunk(2)
     ref_w, ref_l = ref.chunk(2)
     return DPOForward(err_w, err_l, ref_w, ref_l)

@@ -90,3 +90,34 @@ def test_forward_keeps_winner_and_loser_halves_apart(tiny_scheduler) -> None:
     batch = winner_first_batch(build_batch(make_scored(), DiffusionDPOCfg(t_min=100), torch.Generator().manual_seed(0)))
     fwd = ALGO.forward(WinnerFirstProbe(tiny_scheduler), batch, DiffusionDPOCfg())
     assert torch.all(fwd.err_w < fwd.err_l)
+
+
+class ZeroDataOracle:
+    """Stand-in DiffusionModel for data x0 = 0 (x_t = sqrt(1 - abar) noise): the policy outputs the exact
+    regression target of the scheduler's prediction type (noise, or v = sqrt(abar) noise), the reference 0."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).double()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, adapters: bool = True):
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = x_t.double() / (1 - abar).sqrt()
+        v = self.scheduler.config.prediction_type == "v_prediction"
+        out = abar.sqrt() * noise if v else noise
+        return out.float() if adapters else torch.zeros_like(x_t, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_errors_are_against_the_prediction_types_target(prediction_type: str) -> None:
+    from conftest import make_scheduler
+
+    model = ZeroDataOracle(make_scheduler(10, prediction_type=prediction_type))
+    cfg = DiffusionDPOCfg(t_min=100)
+    batch = build_batch(make_scored(), cfg, torch.Generator().manual_seed(0))
+    batch = batch._replace(x0_w=torch.zeros_like(batch.x0_w), x0_l=torch.zeros_like(batch.x0_l))
+    fwd = ALGO.forward(model, batch, cfg)
+    assert float(fwd.err_w.abs().max()) < 1e-10 and float(fwd.err_l.abs().max()) < 1e-10  # oracle: zero error
+    # reference 0: error = mean(target^2) = mean(noise^2) (epsilon) or abar_t mean(noise^2) (v = sqrt(abar) noise)
+    scale = model.alphas_cumprod[batch.t].float() if prediction_type == "v_prediction" else torch.ones(len(batch.t))
+    torch.testing.assert_close(fwd.ref_err_w, scale * batch.noise.pow(2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=0)
