@@ -10,7 +10,12 @@ d = mse(e_theta, eps_tgt) - mse(e_ref, eps_tgt) from ONE network call at t:
     logits = w(t) * ((ref_err_w - ref_err_l) - (err_w - err_l)),   L = -mean log sigmoid(beta * logits)
 
 with w normalised to mean 1 over the training-timestep distribution, so `beta` is on Diffusion-DPO's scale and
-`w == 1` ("uniform") is exactly `diffusion_dpo` (same beta convention: beta = repo beta_dpo / 2).
+`w == 1` ("uniform") is exactly `diffusion_dpo` for epsilon models (same beta convention: beta = repo beta_dpo / 2).
+stride = num_train_timesteps // the sampler's step count, read from `model.scheduler` (`logprob.timestep_stride`),
+so s is the sampler's next grid timestep.
+v_prediction: the estimators are defined on eps errors, so the model output is converted to eps_hat
+(`logprob.predicted_eps`; eps_hat - eps = sqrt(abar_t) (v_hat - v)) before the errors are taken. For v models
+w == 1 is then Diffusion-DPO with an extra per-timestep factor abar_t (`diffusion_dpo` regresses on v itself).
 
 Registry mapping (our decision): the registry name picks the estimator, i.e. the default weight:
 `dde_stepwise` -> w = lam_step ("stepwise"), `dde_single_shot` -> w = lam_ss ("single_shot").
@@ -39,7 +44,7 @@ from rlalign.algos.common import (
 )
 from rlalign.algos.diffusion_dpo import pair_final_latents
 from rlalign.pairing import best_vs_worst
-from rlalign.sampling.logprob import add_noise
+from rlalign.sampling.logprob import add_noise, predicted_eps, timestep_stride
 from rlalign.types import ScoredRollouts
 
 WEIGHT_MODES = ("dde_mid", "dde_sum", "dde_index", "single_shot", "stepwise", "uniform")
@@ -53,10 +58,9 @@ class DDECfg:
     # None: the registry name's estimator weight (dde_stepwise: stepwise, dde_single_shot: single_shot);
     # else one of dde_mid | dde_sum | dde_index | single_shot | stepwise | uniform (dde.md 2.5)
     weight: str | None = None
-    # DDIM eta of the stepwise posterior q(x_s | x_t, x0) in lam_step (needs > 0)
+    # DDIM eta of the stepwise posterior q(x_s | x_t, x0) in lam_step (needs > 0); s = t - stride comes from the
+    # model's scheduler (1000 // sampler steps)
     eta: float = 1.0
-    # s = t - stride for lam_step (1000 // sampler steps; 50 for 20 steps)
-    stride: int = 50
     # std of the single-shot Gaussian p(x0 | x_t); only rescales lam_ss (normalised away)
     s0: float = 1.0
     # w(t) clamped to at most this multiple of its mean, then renormalised (None: raw). 30 leaves every mode
@@ -80,8 +84,8 @@ class DDECfg:
             raise ValueError(f"dde: need 0 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
         if self.weight_cap is not None and self.weight_cap <= 1:
             raise ValueError(f"dde.weight_cap must be None or > 1, got {self.weight_cap}")
-        if self.eta <= 0 or self.stride < 1 or self.s0 <= 0:
-            raise ValueError(f"dde: need eta > 0, stride >= 1, s0 > 0; got {self.eta}, {self.stride}, {self.s0}")
+        if self.eta <= 0 or self.s0 <= 0:
+            raise ValueError(f"dde: need eta > 0, s0 > 0; got {self.eta}, {self.s0}")
 
 
 # ---------------------------------------------------------------- estimators and weights (float64)
@@ -105,7 +109,8 @@ def single_shot_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
     """Single-shot terminal estimate: the eta = 0 DDIM jump x_t -> x0, x0_hat = (x_t - sqrt(1-abar) eps)/sqrt(abar).
 
     x_t, eps [B,C,h,w]; abar_t [B] (or scalar) float64. Equals running all remaining eta = 0 DDIM steps under a
-    model whose eps is constant along the path (dde.md 7.6).
+    model whose eps is constant along the path (dde.md 7.6). `eps` is a noise prediction: convert a v_prediction
+    output first (`logprob.predicted_eps`).
     """
     a = abar_t.to(torch.float64).reshape(-1, *([1] * (x_t.ndim - 1)))
     dt = torch.float64 if x_t.dtype == torch.float64 else torch.float32
@@ -117,7 +122,7 @@ def dde_weight(
     mode: str = "dde_mid",
     *,
     timesteps: Tensor | None = None,
-    stride: int = 50,
+    stride: int | None = None,
     eta: float = 1.0,
     s0: float = 1.0,
     final_alpha_cumprod: float | None = None,
@@ -128,7 +133,8 @@ def dde_weight(
     The mean-1 normalisation is over the given timesteps (= the uniform training distribution over them).
     Modes (dde.md 2.5): dde_mid abar(1-abar) (default stand-in, peaks at abar = 0.5); dde_sum lam_step + lam_ss;
     dde_index u(1-u), u = t/N; single_shot lam_ss; stepwise lam_step with s = t - stride (abar_s =
-    final_alpha_cumprod, default abar[0], when s < 0); uniform 1 (= Diffusion-DPO).
+    final_alpha_cumprod, default abar[0], when s < 0); uniform 1 (= Diffusion-DPO). `stride` (the sampler's
+    num_train_timesteps // steps) is required by stepwise and dde_sum.
     `cap`: clamp w to at most `cap` times its mean and renormalise (repeated until stable), so a few timesteps
     cannot take all the credit (on a cosine schedule abar_999 ~ 0 and lam_ss, lam_step put ~all weight at
     t = 999); None keeps the raw form.
@@ -139,20 +145,22 @@ def dde_weight(
     n = ac.shape[0]
     t = torch.arange(n) if timesteps is None else timesteps.detach().to("cpu").long()
     abar = ac[t]
-    final = float(ac[0]) if final_alpha_cumprod is None else float(final_alpha_cumprod)
-    s = t - stride
-    abar_s = torch.where(s >= 0, ac[s.clamp(min=0)], torch.full_like(abar, final))
-    if mode == "dde_mid":
+    if mode in ("stepwise", "dde_sum"):
+        if stride is None or stride < 1:
+            raise ValueError(f"DDE weight {mode!r} needs the sampler's timestep stride >= 1, got {stride}")
+        final = float(ac[0]) if final_alpha_cumprod is None else float(final_alpha_cumprod)
+        s = t - stride
+        abar_s = torch.where(s >= 0, ac[s.clamp(min=0)], torch.full_like(abar, final))
+        w = stepwise_weight(abar, abar_s, eta)
+        if mode == "dde_sum":
+            w = w + single_shot_weight(abar, s0)
+    elif mode == "dde_mid":
         w = abar * (1 - abar)
-    elif mode == "dde_sum":
-        w = stepwise_weight(abar, abar_s, eta) + single_shot_weight(abar, s0)
     elif mode == "dde_index":
         u = t.double() / n
         w = u * (1 - u)
     elif mode == "single_shot":
         w = single_shot_weight(abar, s0)
-    elif mode == "stepwise":
-        w = stepwise_weight(abar, abar_s, eta)
     else:
         w = torch.ones_like(abar)
     mean = w.mean()
@@ -216,7 +224,7 @@ def _weights(model: DiffusionModel, t: Tensor, cfg: DDECfg, default_mode: str) -
         ac,
         mode,
         timesteps=grid,
-        stride=cfg.stride,
+        stride=timestep_stride(model.scheduler),
         eta=cfg.eta,
         s0=cfg.s0,
         final_alpha_cumprod=float(model.scheduler.final_alpha_cumprod),
@@ -228,7 +236,7 @@ def _weights(model: DiffusionModel, t: Tensor, cfg: DDECfg, default_mode: str) -
 
 
 def _forward(model: DiffusionModel, batch: DDEBatch, cfg: DDECfg, default_mode: str) -> DDEForward:
-    """One policy call (grad) + one reference call on [2P] rows (the "single inference"), errors in fp32."""
+    """One policy call (grad) + one reference call on [2P] rows (the "single inference"), eps errors in fp32."""
     b = batch_to(batch, model_device(model))
     t2 = torch.cat([b.t, b.t])
     x0 = torch.cat([b.x0_w, b.x0_l]).float()
@@ -240,9 +248,10 @@ def _forward(model: DiffusionModel, batch: DDEBatch, cfg: DDECfg, default_mode: 
         x_t = torch.cat([b.xt_w, b.xt_l]).float()
         abar = model.alphas_cumprod[t2].view(-1, 1, 1, 1)
         eps = ((x_t.double() - abar.sqrt() * x0.double()) / (1 - abar).sqrt()).float()
-    err = per_sample_mse(model.predict(x_t, t2, cond, adapters=True), eps)
+    sched = model.scheduler  # eps_hat: the output itself for epsilon models, converted for v_prediction
+    err = per_sample_mse(predicted_eps(sched, model.predict(x_t, t2, cond, adapters=True), t2, x_t), eps)
     with torch.no_grad():
-        ref = per_sample_mse(model.predict(x_t, t2, cond, adapters=False), eps)
+        ref = per_sample_mse(predicted_eps(sched, model.predict(x_t, t2, cond, adapters=False), t2, x_t), eps)
     err_w, err_l = err.chunk(2)
     ref_w, ref_l = ref.chunk(2)
     return DDEForward(err_w, err_l, ref_w, ref_l, _weights(model, b.t, cfg, default_mode))

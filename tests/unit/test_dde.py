@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import adam_step, make_scheduler, make_scored, microbatch_mean, randomize_lora, run_algo
+from conftest import adam_step, make_model, make_scheduler, make_scored, microbatch_mean, randomize_lora, run_algo
 
 from rlalign.algos import get_algorithm
 from rlalign.algos.dde import (
@@ -45,9 +45,9 @@ def test_dde_mid_weight_peaks_in_the_middle() -> None:
 
 @pytest.mark.parametrize("mode", WEIGHT_MODES)
 def test_every_weight_has_mean_one(mode: str) -> None:
-    assert float(dde_weight(AC, mode).mean()) == pytest.approx(1.0, abs=1e-12)
+    assert float(dde_weight(AC, mode, stride=50).mean()) == pytest.approx(1.0, abs=1e-12)
     grid = torch.arange(951, 0, -50)
-    assert float(dde_weight(AC, mode, timesteps=grid).mean()) == pytest.approx(1.0, abs=1e-12)
+    assert float(dde_weight(AC, mode, timesteps=grid, stride=50).mean()) == pytest.approx(1.0, abs=1e-12)
     if mode == "uniform":
         assert torch.equal(dde_weight(AC, mode), torch.ones(1000, dtype=torch.float64))
     with pytest.raises(ValueError):
@@ -56,7 +56,7 @@ def test_every_weight_has_mean_one(mode: str) -> None:
 
 def test_weight_cap_is_inert_on_sd_and_tames_the_cosine_schedule() -> None:
     for mode in WEIGHT_MODES:
-        torch.testing.assert_close(dde_weight(AC, mode, cap=30.0), dde_weight(AC, mode))
+        torch.testing.assert_close(dde_weight(AC, mode, stride=50, cap=30.0), dde_weight(AC, mode, stride=50))
     from diffusers import DDPMScheduler
 
     cos = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
@@ -166,7 +166,8 @@ def test_registry_name_picks_the_estimator_weight_and_cfg_overrides(tiny_model) 
     ac = tiny_model.alphas_cumprod
     w_step = STEPWISE.forward(tiny_model, b, cfg).weight
     w_ss = SINGLE.forward(tiny_model, b, cfg).weight
-    w_exp = dde_weight(ac, "stepwise", final_alpha_cumprod=float(ac[0]))  # SD schedule: the default cap is inert
+    # stride from the model's 10-step scheduler (100); SD schedule: the default cap is inert
+    w_exp = dde_weight(ac, "stepwise", stride=100, final_alpha_cumprod=float(ac[0]))
     torch.testing.assert_close(w_step, w_exp[t].float())
     torch.testing.assert_close(w_ss, dde_weight(ac, "single_shot")[t].float())
     w_mid = SINGLE.forward(tiny_model, b, DDECfg(weight="dde_mid")).weight
@@ -206,6 +207,57 @@ def test_bad_config_raises() -> None:
         DDECfg(weight="middle")
     with pytest.raises(ValueError, match="state_source"):
         DDECfg(state_source="cache")
+    for mode in ("stepwise", "dde_sum"):  # the stride is never guessed
+        with pytest.raises(ValueError, match="stride"):
+            dde_weight(AC, mode)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_stepwise_weight_follows_the_samplers_step_count(steps: int) -> None:
+    # trajectory mode on the sampler's grid: lam_step(t) must use s = the next grid timestep of *this* scheduler
+    model = make_model(steps=steps)
+    cfg = DDECfg(state_source="trajectory", weight_cap=None)
+    scored = make_scored(steps=steps)
+    b = build_batch(scored, cfg, torch.Generator().manual_seed(0))
+    w = STEPWISE.forward(model, b, cfg).weight.double()
+    ac, sched = model.alphas_cumprod, model.scheduler
+    grid = [int(t) for t in sched.timesteps]
+    final = torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
+    abar_next = [ac[s] for s in grid[1:]] + [final]  # the next grid entry; final_alpha_cumprod after the last
+    lam = {t: float(stepwise_weight(ac[t], a_s)) for t, a_s in zip(grid, abar_next)}
+    mean = sum(lam.values()) / len(lam)  # mean 1 over the sampler's grid
+    expected = torch.tensor([lam[int(t)] / mean for t in b.t], dtype=torch.float64)
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=0)
+
+
+class ZeroDataOracle:
+    """Stand-in DiffusionModel for data x0 = 0 (x_t = sqrt(1 - abar) noise): the policy outputs the exact
+    regression target of the scheduler's prediction type (noise, or v = sqrt(abar) noise), the reference 0."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).double()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, adapters: bool = True):
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = x_t.double() / (1 - abar).sqrt()
+        v = self.scheduler.config.prediction_type == "v_prediction"
+        out = abar.sqrt() * noise if v else noise
+        return out.float() if adapters else torch.zeros_like(x_t, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_errors_are_eps_errors_for_every_prediction_type(prediction_type: str) -> None:
+    model = ZeroDataOracle(make_scheduler(10, prediction_type=prediction_type))
+    cfg = DDECfg(t_min=100)
+    b = build_batch(make_scored(), cfg, torch.Generator().manual_seed(0))
+    b = b._replace(x0_w=torch.zeros_like(b.x0_w), x0_l=torch.zeros_like(b.x0_l))
+    fwd = STEPWISE.forward(model, b, cfg)
+    assert float(fwd.err_w.abs().max()) < 1e-10 and float(fwd.err_l.abs().max()) < 1e-10  # oracle: zero eps error
+    # reference output 0 -> eps_hat = 0 (epsilon) or sqrt(1 - abar) x_t = (1 - abar) noise (v_prediction)
+    abar = model.alphas_cumprod[b.t].float()
+    factor = abar**2 if prediction_type == "v_prediction" else torch.ones_like(abar)  # (1 - (1 - abar))^2
+    torch.testing.assert_close(fwd.ref_err_w, factor * b.noise.pow(2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("algo", [STEPWISE, SINGLE])
