@@ -52,8 +52,13 @@ class RewardServer:
         return bool(getattr(self.model, "differentiable", False))
 
     def info(self) -> dict[str, object]:
-        """Name and capabilities (a method, so remote callers can ask a Ray actor)."""
-        return {"name": self.model.name, "differentiable": self.differentiable, "max_batch": self.max_batch}
+        """Name, capabilities and device (a method, so remote callers can ask a Ray actor)."""
+        return {
+            "name": self.model.name,
+            "differentiable": self.differentiable,
+            "max_batch": self.max_batch,
+            "device": str(getattr(self.model, "device", "cpu")),
+        }
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """[B, H, W, 3] uint8 -> [B] float32, in request order."""

@@ -54,11 +54,27 @@ class RayRewardHandle:
         return RayPending(self.actor.score_and_grad.remote(images, prompts))
 
 
+def reward_device(spec: RewardSpec) -> str:
+    """Inside a reward actor: cuda when its resources hold a GPU (checked), else cpu; `options.device` may pin it."""
+    import torch
+
+    want = str(spec.options.get("device", "cuda" if spec.num_gpus > 0 else "cpu"))
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"reward {spec.name!r} needs a GPU (num_gpus={spec.num_gpus}, device={want}) but none is visible to its "
+            f"actor (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); give it num_gpus > 0 on a "
+            "node with a GPU, or num_gpus: 0 to score on CPU"
+        )
+    return want
+
+
 def make_reward_model(spec: RewardSpec, model_dir: str | None) -> Any:
-    """Runs inside the reward actor: build the registered model from its local weights directory or URL."""
+    """Runs inside the reward actor: build the registered model on its device from local weights or a URL."""
     from reward_servers.registry import make_reward
 
-    options = dict(spec.options)
+    options = {k: v for k, v in spec.options.items() if k != "device"}
+    if spec.name != "http":
+        options["device"] = reward_device(spec)
     if spec.name == "http":
         options.update(url=spec.url, token=spec.token)
     path = spec.path
@@ -120,7 +136,9 @@ def branch_cfg(cfg: RunCfg) -> BranchCfg | None:
 def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[list[Any], list[PlacementGroup]]:
     s = cfg.sampler
     model = replace(cfg.model, path=model_dir)
-    make_parts = functools.partial(load_parts, model, cfg.lora, s.num_steps)
+    make_parts = functools.partial(
+        load_parts, model, cfg.lora, s.num_steps, dtype=s.dtype, role="sampler", num_gpus=s.num_gpus
+    )
     bundle = {"CPU": s.num_cpus, **({"GPU": s.num_gpus} if s.num_gpus else {}), **s.resources}
     pgs: list[PlacementGroup] = []
     options: list[dict[str, Any]] = [{} for _ in range(s.num_workers)]
@@ -145,7 +163,9 @@ def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[lis
 def spawn_learner(cfg: RunCfg, model_dir: str) -> Any:
     lc = cfg.learner
     model = replace(cfg.model, path=model_dir)
-    make_parts = functools.partial(load_parts, model, cfg.lora, cfg.sampler.num_steps)
+    make_parts = functools.partial(
+        load_parts, model, cfg.lora, cfg.sampler.num_steps, dtype=lc.dtype, role="learner", num_gpus=lc.num_gpus
+    )
     return LearnerActor.options(
         num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=dict(lc.resources) or None
     ).remote(cfg, make_parts, seed=cfg.seed)
@@ -213,13 +233,18 @@ def _node_of(_actor: Any) -> str:
     return str(ray.get_runtime_context().get_node_id())
 
 
-def placement(workers: Workers, timeout_s: float) -> dict[str, list[str]]:
-    """Node id of every actor, by role (written to the run directory; multi-node tests read it)."""
+def placement(workers: Workers, timeout_s: float) -> dict[str, Any]:
+    """Node id and device of every actor, by role (written to the run's placement.json; multi-node tests read it)."""
     roles = {"samplers": workers.samplers, "learner": [workers.learner], "rewards": workers.reward_actors}
-    return {
+    out: dict[str, Any] = {
         role: gather([a.__ray_call__.remote(_node_of) for a in actors], timeout_s, f"{role} placement")
         for role, actors in roles.items()
     }
+    out["devices"] = {
+        role: [str(i.get("device", "?")) for i in gather([a.info.remote() for a in actors], timeout_s, f"{role} info")]
+        for role, actors in roles.items()
+    }
+    return out
 
 
 class ActorFailure(RuntimeError):

@@ -4,6 +4,10 @@ A plain class: `rlalign/actors.py` makes it an actor. `update(scored)` builds th
 micro-batches (each loss weighted by its share of rows, so accumulation gives exactly the full-batch mean), takes
 `optimizer_steps` AdamW steps, and bumps the weights version. The reference model is the same U-Net with the
 adapter disabled, so no second copy is held.
+
+Precision (docs/precision.md): the base U-Net may be bf16/fp16 (`learner.dtype`); the LoRA parameters, their
+gradients and AdamW's state are float32 and the forward runs under autocast. float16 adds a GradScaler. A step
+whose gradient norm is not finite is skipped (never written into the LoRA) and counted in `learner/skipped_steps`.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from rlalign.algos import get_algorithm
 from rlalign.algos.common import num_rows, slice_rows
 from rlalign.config import RunCfg
 from rlalign.models.denoiser import UNetDenoiser
-from rlalign.models.loading import DiffusionParts
+from rlalign.models.loading import DiffusionParts, lora_metadata, save_diffusers_lora, save_peft_lora
 from rlalign.types import ScoredRollouts, WeightsUpdate
 
 LORA_FILE = "adapter_model.safetensors"
@@ -37,14 +41,21 @@ class Learner:
         self.algo = get_algorithm(cfg.algo)
         self.algo_cfg = getattr(cfg, self.algo.cfg_key)
         self.parts = make_parts()
-        self.parts.unet.train()
-        self.model = UNetDenoiser(self.parts.unet, self.parts.scheduler, **self._denoiser_kwargs())
-        self.params = [p for n, p in self.parts.unet.named_parameters() if "lora_" in n]
+        unet = self.parts.unet
+        unet.train()
+        if self.cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.model = UNetDenoiser(unet, self.parts.scheduler, dtype=self.parts.dtype, **self._denoiser_kwargs())
+        self.params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in self.params:
+            if p.dtype != torch.float32:
+                raise TypeError(f"LoRA parameters must be float32 master weights, got {p.dtype} (attach_lora)")
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW(
             self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, eps=self.cfg.adam_eps
         )
+        # float16 gradients underflow without loss scaling; bf16 has float32's exponent range and needs none
+        self.scaler = torch.amp.GradScaler(self.parts.device.type, enabled=self.parts.dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0
         self.updates = 0
@@ -68,29 +79,45 @@ class Learner:
         sums: dict[str, float] = {}
         losses: list[float] = []
         grad_norms: list[float] = []
+        skipped = 0
         for _ in range(self.cfg.epochs):
             order = torch.randperm(rows, generator=self.generator) if steps > 1 else None
             for lo, hi in itertools.pairwise(bounds):
                 chunk = _take(batch, order[lo:hi]) if order is not None else batch
                 loss, chunk_metrics = self._accumulate(chunk)
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)))
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                grad_norm = self._step()
+                if grad_norm is None:
+                    skipped += 1
+                else:
+                    grad_norms.append(grad_norm)
                 losses.append(loss)
                 for k, v in chunk_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
         n = len(losses)
         metrics.update({k: v / n for k, v in sums.items()})
-        metrics["loss/total"] = float(np.mean(losses))
+        finite = [x for x in losses if math.isfinite(x)]
+        metrics["loss/total"] = float(np.mean(finite)) if finite else float("nan")
         metrics["loss/first"] = losses[0]  # before any step this iteration: ln 2 at iteration 0 for DPO losses
-        metrics["learner/grad_norm"] = float(np.mean(grad_norms))
+        metrics["learner/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
+        metrics["learner/skipped_steps"] = float(skipped)
+        if self.scaler.is_enabled():
+            metrics["learner/grad_scale"] = float(self.scaler.get_scale())
         metrics["time/learn_s"] = time.perf_counter() - start
         self.version += 1
         self.updates += 1
         metrics["learner/version"] = float(self.version)
-        if not all(math.isfinite(v) for v in (metrics["loss/total"], metrics["learner/grad_norm"])):
-            raise FloatingPointError(f"non-finite loss or gradient at update {self.updates}: {metrics}")
         return metrics
+
+    def _step(self) -> float | None:
+        """Clip and apply the accumulated gradient; None (and no change to the LoRA) when its norm is not finite."""
+        self.scaler.unscale_(self.opt)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        ok = math.isfinite(grad_norm)
+        if ok:
+            self.scaler.step(self.opt)
+        self.scaler.update()  # float16: a non-finite step halves the loss scale
+        self.opt.zero_grad(set_to_none=True)
+        return grad_norm if ok else None
 
     def _accumulate(self, batch: Any) -> tuple[float, dict[str, float]]:
         """Forward/backward over micro-batches; returns the chunk's mean loss and row-weighted metrics."""
@@ -102,7 +129,7 @@ class Learner:
             share = num_rows(mb) / rows
             out = self.algo.loss(self.algo.forward(self.model, mb, self.algo_cfg), self.algo_cfg)
             if out.loss.requires_grad:  # rows the algorithm masks out (TailorPO std < min_std) leave no graph
-                (out.loss * share).backward()
+                self.scaler.scale(out.loss * share).backward()
             total += float(out.loss.detach()) * share
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * share
@@ -112,25 +139,36 @@ class Learner:
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.parts.unet).items()}
 
+    def info(self) -> dict[str, object]:
+        """Where the learner's model lives (device, dtypes), for the run's placement.json."""
+        return {
+            "device": str(self.parts.device),
+            "dtype": str(self.parts.dtype).removeprefix("torch."),
+            "lora_dtype": str(self.params[0].dtype).removeprefix("torch.") if self.params else "none",
+            "layout": self.parts.layout,
+        }
+
     def export_weights(self) -> WeightsUpdate:
         """CPU copy of the LoRA tensors with the current version (one object-store copy serves all samplers)."""
         return WeightsUpdate(self.version, self.lora_state())
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str | Path, extra_state: dict[str, Any] | None = None) -> Path:
-        """Write LoRA (peft + diffusers-loadable), optimiser, RNG state and version into `directory`."""
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """Write LoRA (peft + diffusers-loadable), optimiser, RNG state and version into `directory`.
 
+        `diffusers_lora/` loads in plain diffusers with `pipe.load_lora_weights(dir)` and reproduces this U-Net
+        (every adapted module, alpha/rank scale kept; tests/component/test_lora_export.py compares outputs).
+        """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         lora = self.lora_state()
-        save_file(lora, str(out / LORA_FILE))
-        StableDiffusionPipeline.save_lora_weights(
-            out / "diffusers_lora", unet_lora_layers=convert_state_dict_to_diffusers(lora), safe_serialization=True
-        )
+        meta = lora_metadata(self.parts.unet)
+        save_peft_lora(out / LORA_FILE, lora, meta)
+        save_diffusers_lora(out / "diffusers_lora", lora, meta, self.parts.layout)
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        torch.save({"optimizer": self.opt.state_dict(), **rng}, out / "optimizer.pt")
+        torch.save(
+            {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), **rng}, out / "optimizer.pt"
+        )
         state = {"version": self.version, "updates": self.updates}
         state.update(extra_state or {})
         (out / "learner.json").write_text(json.dumps(state, indent=2))
@@ -145,6 +183,8 @@ class Learner:
         set_peft_model_state_dict(self.parts.unet, load_file(str(src / LORA_FILE)))
         blob = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=False)
         self.opt.load_state_dict(blob["optimizer"])
+        if blob.get("scaler"):
+            self.scaler.load_state_dict(blob["scaler"])
         self.generator.set_state(blob["generator"])
         torch.set_rng_state(blob["torch"])
         state = json.loads((src / "learner.json").read_text())

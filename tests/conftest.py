@@ -59,10 +59,12 @@ def make_unet() -> Any:
 
 
 def make_model(steps: int = 10, rank: int = 4, layer: str = "mid") -> Any:
-    from rlalign.models.denoiser import UNetDenoiser, add_lora
+    from rlalign.config import LoraCfg
+    from rlalign.models.denoiser import UNetDenoiser
+    from rlalign.models.loading import attach_lora
 
     unet = make_unet()
-    add_lora(unet, rank=rank, alpha=float(rank))
+    attach_lora(unet, LoraCfg(rank=rank, alpha=float(rank), target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     return UNetDenoiser(unet, make_scheduler(steps), layer=layer)
 
 
@@ -130,6 +132,8 @@ def make_scored(
         prompt_embeds=embeds,
         negative_embeds=torch.zeros((1, *text)),
         policy_version=0,
+        eta=1.0,
+        guidance_scale=3.0,
         step_pairs=step_pairs,
     )
     scores = torch.randperm(b, generator=g).float()
@@ -217,3 +221,19 @@ class WinnerFirstProbe:
 def winner_first_batch(batch: Any) -> Any:
     """The same batch with winner x0 = 0 and loser x0 = 10."""
     return batch._replace(x0_w=torch.zeros_like(batch.x0_w), x0_l=torch.full_like(batch.x0_l, 10.0))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init StableDiffusionPipeline directory (SD1.5 layout), built offline once per session."""
+    from tiny_pipelines import build_sd15
+
+    return build_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init StableDiffusionXLPipeline directory (SDXL layout), built offline once per session."""
+    from tiny_pipelines import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))

@@ -7,12 +7,14 @@ reaches it only through `rlalign.algos.common.DiffusionModel`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from rlalign.models.conditioning import unet_eps
 
 
 class _StopAtMid(Exception):
@@ -42,46 +44,22 @@ def adapters_disabled(unet: Any) -> Iterator[None]:
         unet.enable_adapters()
 
 
-def add_lora(
-    unet: Any,
-    rank: int,
-    alpha: float,
-    target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
-    *,
-    adapter_name: str = "default",
-) -> list[nn.Parameter]:
-    """Freeze the base U-Net and add a fresh LoRA (lora_B = 0, so policy == reference bit-for-bit at step 0).
-
-    Returns the trainable LoRA parameters (what the optimiser gets).
-    """
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True),
-        adapter_name=adapter_name,
-    )
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    if not params:
-        raise ValueError(f"no LoRA parameters were created: no module of the U-Net matches {list(target_modules)}")
-    return params
-
-
 class UNetDenoiser:
     """`DiffusionModel` around a diffusers UNet2DConditionModel (+ LoRA) and a DDIMScheduler.
 
-    unet: the U-Net, LoRA already added (see `add_lora`); scheduler: a DDIMScheduler with `set_timesteps(T)`
-    called (the sampling grid); layer: "mid" (output of mid_block) or "down" (its input) for NCP.
+    unet: the U-Net, LoRA already added (`rlalign.models.loading.attach_lora`); scheduler: a DDIMScheduler with
+    `set_timesteps(T)` called (the sampling grid); layer: "mid" (output of mid_block) or "down" (its input) for NCP;
+    dtype: the base weights' dtype (bf16/fp16 run under autocast beside the fp32 LoRA; None: the U-Net's).
+    `cond` is the packed conditioning of `rlalign/models/conditioning.py` (SD1.5 and SDXL alike).
     """
 
-    def __init__(self, unet: Any, scheduler: Any, *, layer: str = "mid") -> None:
+    def __init__(self, unet: Any, scheduler: Any, *, layer: str = "mid", dtype: torch.dtype | None = None) -> None:
         if layer not in ("mid", "down"):
             raise ValueError(f"layer must be 'mid' or 'down', got {layer!r}")
         self.unet = unet
         self.scheduler = scheduler
         self.layer = layer
+        self.dtype = dtype or unet.dtype
         device = next(unet.parameters()).device
         self.alphas_cumprod: Tensor = torch.as_tensor(scheduler.alphas_cumprod).to(device, torch.float64)
 
@@ -90,9 +68,7 @@ class UNetDenoiser:
         return torch.device(next(self.unet.parameters()).device)
 
     def _call(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        dtype = self.unet.dtype
-        out = self.unet(x.to(self.device, dtype), t.to(self.device), encoder_hidden_states=cond.to(self.device, dtype))
-        return out.sample if hasattr(out, "sample") else out[0]
+        return unet_eps(self.unet, x, t, cond, dtype=self.dtype)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, adapters: bool = True) -> Tensor:
         """eps(x_t, t, cond): x_t [B,C,h,w], t [B] or [], cond [B,L,D] -> [B,C,h,w] float32.
@@ -100,17 +76,21 @@ class UNetDenoiser:
         adapters=False is the frozen reference (wrap the call in torch.no_grad() yourself).
         """
         if adapters:
-            return self._call(x_t, t, cond).float()
+            return self._call(x_t, t, cond)
         with adapters_disabled(self.unet):
-            return self._call(x_t, t, cond).float()
+            return self._call(x_t, t, cond)
 
     def embed(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """NCP's E(x, t, c): frozen base U-Net features at the mid block, fp32 (ncp.md 1.2, 5.1).
 
         x [n,C,h,w], t [n] or [], cond [n,L,D] -> [n,C_mid,h',w']. Adapters off, autocast off, the up path never
-        runs (a hook raises `_StopAtMid`; it is removed in `finally`). Gradients flow to `x` only: `add_lora`
-        freezes every base weight. Runs in the U-Net's weight dtype (keep learner weights fp32 for NCP, 5.2).
+        runs (a hook raises `_StopAtMid`; it is removed in `finally`). Gradients flow to `x` only: `attach_lora`
+        freezes every base weight. Refuses low-precision weights: E compares two close latents, and in bf16 most
+        elements of the two embeddings round to the same value (docs/precision.md; config validation refuses
+        ncp_* with learner.dtype != float32 before any actor starts).
         """
+        if self.dtype != torch.float32:
+            raise ValueError(f"NCP's embedding needs float32 U-Net weights, got {self.dtype} (learner.dtype)")
         mid = self.unet.mid_block
         if mid is None:
             raise ValueError("NCP needs a U-Net with a mid_block")
