@@ -14,6 +14,8 @@ E runs on the target, reference and policy rows in three same-sized calls (not o
 ncp.md suggests), so a fresh LoRA gives f_ref == f_pol bit-for-bit and the loss is exactly ln 2.
 Choices (ncp.md, unconfirmed): t in [1, 999]; layer mid; target_mode prev; CPO's NLL weight lambda = 10 (the
 authors' code has 0); beta multiplies the logits directly (as diffusion_dpo). Feature maps are compared in fp32.
+v_prediction: every U-Net output is first converted to eps_hat (`logprob.predicted_eps`), so the DDPM step, x0_hat
+and the re-noising below see a noise prediction whatever the model's parameterisation.
 Shapes: P pairs, C/h/w latents, F feature maps [n, C_f, h_f, w_f]. Imports only torch and rlalign.
 """
 
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from rlalign.algos.common import DiffusionModel, LossOutput, batch_to, logistic_preference_loss, model_device
 from rlalign.algos.diffusion_dpo import pair_final_latents
-from rlalign.sampling.logprob import add_noise, ddpm_step
+from rlalign.sampling.logprob import add_noise, ddpm_step, predicted_eps
 from rlalign.types import ScoredRollouts
 
 TARGET_MODES = ("prev", "x0", "uniform")
@@ -116,7 +118,7 @@ def _pred_and_target(
 
 
 def _predicted(ac: Tensor, mode: str, e: Tensor, x_t: Tensor, t: Tensor, z: Tensor, s_uni: Tensor) -> Tensor:
-    """The latent E sees for a noise prediction `e` (prev: DDPM step; x0: x0_hat; uniform: re-noised x0_hat)."""
+    """The latent E sees for a noise prediction `e`, eps_hat not v (prev: DDPM step; x0: x0_hat; uniform: re-noised)."""
     if mode == "prev":
         return ddpm_step(ac, e, t, x_t, z)
     abar = ac[t].view(-1, 1, 1, 1)
@@ -136,12 +138,13 @@ def ncp_forward(model: DiffusionModel, batch: NCPBatch, cfg: NCPCfg, *, need_ref
     t, eps, z, s_uni = (v.repeat(rows, *([1] * (v.ndim - 1))) for v in (b.t, b.eps, b.z, b.s_uniform))
     x_t = add_noise(ac, x0, eps, t)
     s, x_tgt = _pred_and_target(ac, cfg.target_mode, x_t, x0, t, eps, z, s_uni)
-    x_pol = _predicted(ac, cfg.target_mode, model.predict(x_t, t, cond, adapters=True), x_t, t, z, s_uni)
+    e_pol = predicted_eps(model.scheduler, model.predict(x_t, t, cond, adapters=True), t, x_t)
+    x_pol = _predicted(ac, cfg.target_mode, e_pol, x_t, t, z, s_uni)
     with torch.no_grad():
         f_tgt = model.embed(x_tgt, s, cond)
         f_ref = None
         if need_ref:  # a separate E call of the policy's batch size: at init f_ref == f_pol bit-for-bit (ln 2)
-            e_ref = model.predict(x_t, t, cond, adapters=False)
+            e_ref = predicted_eps(model.scheduler, model.predict(x_t, t, cond, adapters=False), t, x_t)
             f_ref = model.embed(_predicted(ac, cfg.target_mode, e_ref, x_t, t, z, s_uni), s, cond)
     d_pol = feature_distance(model.embed(x_pol, s, cond), f_tgt, cfg.feature_norm)
     d_ref = feature_distance(f_ref, f_tgt, cfg.feature_norm) if f_ref is not None else None

@@ -156,3 +156,38 @@ def test_forward_keeps_winner_and_loser_halves_apart(tiny_scheduler, algo) -> No
     batch = winner_first_batch(_batch(cfg))
     fwd = algo.forward(WinnerFirstProbe(tiny_scheduler), batch, cfg)
     assert torch.all(fwd.d_pol_w < fwd.d_pol_l)
+
+
+class ZeroDataOracle:
+    """Stand-in DiffusionModel for data x0 = 0 (x_t = sqrt(1 - abar) noise): the policy outputs the exact
+    regression target of the scheduler's prediction type (noise, or v = sqrt(abar) noise), the reference 0;
+    E is the identity."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).double()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, adapters: bool = True):
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = x_t.double() / (1 - abar).sqrt()
+        v = self.scheduler.config.prediction_type == "v_prediction"
+        out = abar.sqrt() * noise if v else noise
+        return out.float() if adapters else torch.zeros_like(x_t, dtype=torch.float32)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("mode", ["prev", "x0"])
+def test_oracle_output_hits_the_target_for_every_prediction_type(prediction_type: str, mode: str) -> None:
+    from conftest import make_scheduler
+
+    model = ZeroDataOracle(make_scheduler(10, prediction_type=prediction_type))
+    cfg = NCPCfg(target_mode=mode, t_min=100)
+    b = _batch(cfg)
+    b = b._replace(x0_w=torch.zeros_like(b.x0_w), x0_l=torch.zeros_like(b.x0_l))
+    fwd = DPO.forward(model, b, cfg)
+    # the exact target gives (numerically) zero distance; the zero reference output does not
+    assert torch.all(fwd.d_ref_w > 0) and torch.all(fwd.d_ref_l > 0)
+    assert torch.all(fwd.d_pol_w <= 1e-6 * fwd.d_ref_w) and torch.all(fwd.d_pol_l <= 1e-6 * fwd.d_ref_l)
