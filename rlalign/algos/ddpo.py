@@ -6,6 +6,10 @@ x_t) with CFG (`ddim_step_with_logprob(..., prev_sample=...)`) and compares it w
 
     ratio = exp(logp - logp_old);   L = mean over rows of max(-A ratio, -A clip(ratio, 1-eps, 1+eps))
 
+The log-ratio is clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO] before exp, so a stale or far off-policy row cannot
+overflow the ratio to inf (and -A * inf = NaN when A = 0, e.g. a single-image group); such rows lie far outside
+the clip range, and the clamp only stops their gradient.
+
 Steps whose DDIM std < min_std are excluded (digits-calibration.md: tiny-std steps dominate the score-function
 gradient); they stay in the batch with zero loss and zero gradient so micro-batch means equal the full-batch
 mean. log-probs are means over C,h,w (as ddpo-pytorch). Not a preference loss (is_preference=False).
@@ -24,6 +28,8 @@ from rlalign.algos.common import DiffusionModel, LossOutput, batch_to, guided_ep
 from rlalign.pairing import group_normalize
 from rlalign.sampling.logprob import ddim_std, ddim_step_with_logprob
 from rlalign.types import ScoredRollouts
+
+MAX_LOG_RATIO = 20.0  # |log ratio| cap before exp: ratio <= 4.9e8, finite in fp32 even times adv_clip_max
 
 
 @dataclass
@@ -99,12 +105,12 @@ def ddpo_loss(
 ) -> LossOutput:
     """PPO-clip, mean over rows [N]: max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - logp_old).
 
-    Rows with keep False contribute 0 (and no gradient). Metrics over kept rows: clipfrac, approx_kl
-    (0.5 mean (logp - logp_old)^2, as ddpo-pytorch).
+    Rows with keep False contribute 0 (and no gradient); log-ratios are clamped to +-MAX_LOG_RATIO before exp.
+    Metrics over kept rows: clipfrac, approx_kl (0.5 mean (logp - logp_old)^2, as ddpo-pytorch).
     """
     k = torch.ones_like(log_prob, dtype=torch.bool) if keep is None else keep
     diff = torch.where(k, log_prob - old_log_prob, torch.zeros_like(log_prob))
-    ratio = torch.exp(diff)
+    ratio = torch.exp(diff.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # no inf ratio, so no 0 * inf = NaN
     unclipped = -advantage * ratio
     clipped = -advantage * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_row = torch.where(k, torch.maximum(unclipped, clipped), torch.zeros_like(ratio))

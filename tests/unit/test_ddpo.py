@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -115,3 +116,17 @@ def test_one_step_moves_log_prob_along_advantage(tiny_model) -> None:
         new = ALGO.forward(tiny_model, b, cfg).log_prob
     # first-order: the advantage-weighted log-likelihood goes up
     assert float((b.advantage * (new - b.old_log_prob)).sum()) > 0
+
+
+def test_extreme_log_ratios_give_a_finite_loss_and_gradient() -> None:
+    # benign inputs that overflowed exp: a 200-nat log-ratio with advantage 0 (single-image group) was -0 * inf = NaN
+    lp = torch.tensor([200.0, 200.0, -200.0, 5.0], requires_grad=True)
+    adv = torch.tensor([0.0, -1.0, 1.0, 0.0])
+    out = ddpo_loss(lp, torch.zeros(4), adv, clip_range=0.1)
+    # rows: 0; A=-1, log-ratio clamped to 20: max(e^20, 1.1) = e^20; A=1, clamped to -20: max(-e^-20, -0.9); 0
+    hand = (math.exp(20.0) - math.exp(-20.0)) / 4
+    torch.testing.assert_close(out.loss, torch.tensor(hand))
+    out.loss.backward()
+    assert lp.grad is not None and torch.isfinite(lp.grad).all()
+    assert torch.equal(lp.grad, torch.zeros(4))  # clamped rows stop their gradient; A = 0 rows have none
+    assert all(torch.isfinite(v) for k, v in out.metrics.items() if k != "ddpo/approx_kl")
