@@ -48,7 +48,7 @@ class TailorPOCfg:
     k: int = 2
     # a step gives a pair only when best - worst step-wise reward > tie_eps (sampler)
     tie_eps: float = 0.0
-    # steps whose DDIM std is below this are not trained: tiny std makes lr ~ 1/std explode
+    # steps whose DDIM std is below this are not trained: tiny std makes lr ~ 1/std explode (must be > 0)
     min_std: float = 0.05
     # D3PO/SPO clamp of exp(lr) to [1-eps, 1+eps]; None: no clip
     ratio_clip_eps: float | None = None
@@ -68,6 +68,8 @@ class TailorPOCfg:
             raise ValueError(f"tailorpo.guidance_grad must be one of {GUIDANCE_GRADS}, got {self.guidance_grad!r}")
         if self.k < 2:
             raise ValueError(f"tailorpo.k must be >= 2, got {self.k}")
+        if not self.min_std > 0:  # std = 0 steps (eta = 0, set_alpha_to_one) have no density to train
+            raise ValueError(f"tailorpo.min_std must be > 0, got {self.min_std}")
         if self.eta <= 0:
             raise ValueError(f"tailorpo.eta must be > 0 (the step needs a density), got {self.eta}")
 

@@ -92,7 +92,7 @@ def test_build_batch_drops_invalid_pairs_and_keeps_alignment() -> None:
 
 
 def test_forward_on_fresh_lora_is_ln2_with_cfg(tiny_model) -> None:
-    cfg = TailorPOCfg(guidance_scale=3.0, min_std=0.0)
+    cfg = TailorPOCfg(guidance_scale=3.0, min_std=1e-6)
     fwd = ALGO.forward(tiny_model, _batch(cfg), cfg)
     assert torch.equal(fwd.lr_w, torch.zeros_like(fwd.lr_w)) and torch.equal(fwd.lr_l, torch.zeros_like(fwd.lr_l))
     assert abs(float(ALGO.loss(fwd, cfg).loss.detach()) - math.log(2)) < 1e-7
@@ -101,7 +101,7 @@ def test_forward_on_fresh_lora_is_ln2_with_cfg(tiny_model) -> None:
 def test_forward_log_ratios_equal_naive_log_prob_difference() -> None:
     model = make_model()
     randomize_lora(model, scale=0.05)
-    cfg = TailorPOCfg(min_std=0.0)
+    cfg = TailorPOCfg(min_std=1e-6)
     b = _batch(cfg, groups=1, per_group=2)
     fwd = ALGO.forward(model, b, cfg)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_min_std_rows_are_excluded_with_ln2_and_no_gradient(tiny_model) -> None:
 
 
 def test_one_step_raises_winner_log_ratio_and_microbatches(tiny_model) -> None:
-    cfg = TailorPOCfg(beta=10.0, min_std=0.0)
+    cfg = TailorPOCfg(beta=10.0, min_std=1e-6)
     b = _batch(cfg)
     before = adam_step(tiny_model, lambda: run_algo(ALGO, tiny_model, b, cfg).loss)
     after = run_algo(ALGO, tiny_model, b, cfg)
@@ -184,3 +184,38 @@ def test_tailorpo_g_is_registered_with_guidance() -> None:
     assert not ALGO.needs_gradient_guidance
     with pytest.raises(ValueError):
         TailorPOCfg(guidance_norm="l2")
+
+
+@pytest.mark.parametrize("min_std", [0.0, -0.1, float("nan")])
+def test_min_std_must_be_positive(min_std: float) -> None:
+    with pytest.raises(ValueError, match=r"tailorpo\.min_std must be > 0"):
+        TailorPOCfg(min_std=min_std)
+    TailorPOCfg(min_std=1e-6)
+
+
+def test_step_log_ratios_match_diffusers_means_for_v_prediction() -> None:
+    from conftest import make_scheduler
+
+    from rlalign.algos.tailorpo import step_log_ratios
+
+    model = make_model()
+    model.scheduler = sched = make_scheduler(10, prediction_type="v_prediction")
+    randomize_lora(model, scale=0.05)
+    g = torch.Generator().manual_seed(4)
+    t = sched.timesteps[[0, 4, 9]].long()
+    x_t, x = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    cond, uncond = torch.randn(3, 3, 8, generator=g), torch.zeros(3, 3, 8)
+    (lr,), _ = step_log_ratios(model, x_t, t, cond, uncond, [x], eta=1.0, guidance_scale=3.0)
+    with torch.no_grad():
+        e_th, e_ref = (guided_eps(model, x_t, t, cond, uncond, 3.0, adapters=a).double() for a in (True, False))
+    naive = []
+    for i, ti in enumerate(t.tolist()):  # diffusers' own v_prediction step, row by row, in float64
+        row = slice(i, i + 1)
+        zero = torch.zeros_like(x_t[row], dtype=torch.float64)
+        mu_th, mu_ref = (
+            sched.step(e[row], ti, x_t[row].double(), eta=1.0, variance_noise=zero).prev_sample for e in (e_th, e_ref)
+        )
+        var = float(sched._get_variance(ti, ti - 100))
+        naive.append((((x[row] - mu_ref) ** 2 - (x[row] - mu_th) ** 2) / (2 * var)).mean())
+    assert float(lr.detach().abs().max()) > 1e-4  # the policy differs from the reference
+    torch.testing.assert_close(lr.detach().double(), torch.stack(naive), rtol=1e-3, atol=1e-7)
