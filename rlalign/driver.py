@@ -22,7 +22,7 @@ from rich.table import Table
 
 from rlalign import checkpoint as ckpt
 from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, spawn_workers
-from rlalign.config import RunCfg, save_config, summary, to_yaml
+from rlalign.config import RunCfg, resources_line, save_config, summary, to_yaml
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
 from rlalign.models.loading import resolve_model_dir
@@ -59,10 +59,7 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
         ckpt.resolve_resume(cfg.run_dir, cfg.resume)  # fail before any work when the path is wrong
     run_dir = prepare_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
-    console.print(
-        f"[bold]rlalign[/] run [cyan]{run_dir}[/]  algo={cfg.algo}  mode={cfg.ray.mode}  "
-        + "  ".join(f"{k}={v}" for k, v in summary(cfg).items())
-    )
+    console.print(startup_line(cfg, run_dir))
     model_dir = str(resolve_model_dir(cfg.model, progress=True))
     started = init_ray(cfg)
     workers: Workers | None = None
@@ -94,6 +91,13 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
     return result
 
 
+def startup_line(cfg: RunCfg, run_dir: Path) -> str:
+    """What a run prints first: where it writes, derived sizes, then the CPUs and GPUs it asks Ray for."""
+    sizes = {k: v for k, v in summary(cfg).items() if k not in ("cpus", "gpus")}
+    head = f"[bold]rlalign[/] run [cyan]{run_dir}[/]  algo={cfg.algo}  mode={cfg.ray.mode}  "
+    return head + "  ".join(f"{k}={v}" for k, v in sizes.items()) + "\n" + resources_line(cfg)
+
+
 def _plain(cfg: RunCfg) -> Any:
     from omegaconf import OmegaConf
 
@@ -112,7 +116,7 @@ class Loop:
         self.cfg, self.w, self.sink, self.run_dir, self.console = cfg, workers, sink, run_dir, console
         self.timeout = cfg.ray.call_timeout_s
         self.prompts = PromptSource(cfg.prompts, seed=cfg.seed)
-        self.evaluator = Evaluator(model_dir) if cfg.model.kind == "digits" else None
+        self.evaluator = Evaluator(model_dir) if (Path(model_dir) / "digit_classifier").is_dir() else None
         self.start_iter = 0
         self.version = 0  # learner's weights version, as last reported
         self.sampler_version = 0
