@@ -74,7 +74,7 @@ class SamplerCfg:
     images_per_prompt: int = 4  # group size; pairs and advantages form inside a group
     num_steps: int = 20  # DDIM steps
     eta: float = 1.0  # DDIM eta; > 0 so every step has a log-probability
-    guidance_scale: float = 3.0  # classifier-free guidance w
+    guidance_scale: float = 3.0  # classifier-free guidance w (the learner reads eta and w from the rollouts)
     batch_size: int = 64  # U-Net rows per forward inside a sampler call (memory bound)
     # weights of the sampler's U-Net, VAE and text encoders: float32 | bfloat16 | float16. Log-probs, DDIM maths and
     # everything kept in the rollout stay float32 whatever this says.
@@ -283,15 +283,6 @@ def validate(cfg: RunCfg) -> None:
         fail("prompts.path", f"prompts.source=file needs an existing prompt file, got {cfg.prompts.path!r}")
     if cfg.ray.max_policy_lag < 0:
         fail("ray.max_policy_lag", "must be >= 0")
-    # the learner recomputes the sampler's policy: one source of truth for eta and CFG scale
-    section = getattr(cfg, algo.cfg_key)
-    for name in ("eta", "guidance_scale"):
-        if algo.cfg_key in ("tailorpo", "ddpo") and getattr(section, name) != getattr(s, name):
-            fail(
-                f"{algo.cfg_key}.{name}",
-                f"must equal sampler.{name} ({getattr(s, name)}): the learner scores "
-                f"the sampler's own policy; set both, got {getattr(section, name)}",
-            )
 
 
 def to_yaml(cfg: RunCfg) -> str:

@@ -65,6 +65,9 @@ class Rollout:
     prompt_embeds: Tensor  # [B, L, D] frozen text-encoder output (the learner never re-encodes)
     negative_embeds: Tensor  # [1, L, D] embedding of the empty prompt (classifier-free guidance)
     policy_version: int  # version of the WeightsUpdate the sampler held while sampling
+    # the sampling policy's DDIM eta and classifier-free guidance w: the learner rebuilds exactly this policy
+    eta: float
+    guidance_scale: float
     step_pairs: StepPairs | None = None  # TailorPO / TailorPO-G branching record
     metrics: dict[str, float] = field(default_factory=dict)  # sampler-side diagnostics (seconds, std per step...)
 
@@ -97,6 +100,9 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
     if len(rollouts) == 1:
         return rollouts[0]
     first = rollouts[0]
+    policies = {(r.eta, r.guidance_scale) for r in rollouts}
+    if len(policies) > 1:
+        raise ValueError(f"concat_rollouts: samplers used different (eta, guidance_scale): {sorted(policies)}")
     pairs = [r.step_pairs for r in rollouts]
     step_pairs = None
     if all(p is not None for p in pairs):

@@ -40,14 +40,10 @@ class DDPOCfg:
     adv_clip_max: float = 5.0
     # steps whose DDIM std is below this are not trained (0.05 fixed the digits runs)
     min_std: float = 0.05
-    # DDIM eta of the policy; must equal sampler.eta
-    eta: float = 1.0
-    # classifier-free guidance w of the policy; must equal sampler.guidance_scale
-    guidance_scale: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.clip_range <= 0 or self.adv_clip_max <= 0 or self.eta <= 0:
-            raise ValueError("ddpo: clip_range, adv_clip_max and eta must be > 0")
+        if self.clip_range <= 0 or self.adv_clip_max <= 0:
+            raise ValueError("ddpo: clip_range and adv_clip_max must be > 0")
 
 
 class DDPOBatch(NamedTuple):
@@ -58,6 +54,8 @@ class DDPOBatch(NamedTuple):
     advantage: Tensor  # [N] per-group normalised, clamped
     cond: Tensor  # [N,L,D]
     uncond: Tensor  # [N,L,D] (expanded)
+    eta: float  # the sampler's DDIM eta and classifier-free guidance w: the policy whose log-probs are recomputed
+    guidance_scale: float
 
 
 class DDPOForward(NamedTuple):
@@ -82,20 +80,22 @@ def build_batch(scored: ScoredRollouts, cfg: DDPOCfg, generator: torch.Generator
         advantage=adv[bi].float(),
         cond=r.prompt_embeds[bi],
         uncond=r.negative_embeds[:1].expand(b * steps, -1, -1),
+        eta=r.eta,
+        guidance_scale=r.guidance_scale,
     )
 
 
 def forward(model: DiffusionModel, batch: DDPOBatch, cfg: DDPOCfg) -> DDPOForward:
     """Recompute log pi_theta of the stored transitions (CFG, LoRA on) on rows with std >= min_std."""
     n = batch.t.shape[0]
-    keep = ddim_std(model.scheduler, batch.t.cpu(), cfg.eta, n, torch.device("cpu")) >= cfg.min_std
+    keep = ddim_std(model.scheduler, batch.t.cpu(), batch.eta, n, torch.device("cpu")) >= cfg.min_std
     b = batch_to(batch, model.alphas_cumprod.device)
     idx = torch.nonzero(keep).flatten().to(b.t.device)
     log_prob = torch.zeros(n, device=b.t.device)
     if idx.numel() > 0:
         x_t, t = b.x_t[idx], b.t[idx]
-        e = guided_eps(model, x_t, t, b.cond[idx], b.uncond[idx], cfg.guidance_scale, adapters=True)
-        _, lp = ddim_step_with_logprob(model.scheduler, e, t, x_t, cfg.eta, prev_sample=b.x_prev[idx])
+        e = guided_eps(model, x_t, t, b.cond[idx], b.uncond[idx], b.guidance_scale, adapters=True)
+        _, lp = ddim_step_with_logprob(model.scheduler, e, t, x_t, b.eta, prev_sample=b.x_prev[idx])
         log_prob = log_prob.index_copy(0, idx, lp.float())
     return DDPOForward(log_prob, b.old_log_prob.float(), b.advantage.float(), keep.to(b.t.device))
 

@@ -154,6 +154,8 @@ def synthetic_rollout(groups: int = 3, per_group: int = 4, seed: int = 0) -> Rol
         prompt_embeds=torch.zeros(b, 3, 8),
         negative_embeds=torch.zeros(1, 3, 8),
         policy_version=0,
+        eta=1.0,
+        guidance_scale=1.0,
     )
 
 

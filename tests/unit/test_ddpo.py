@@ -72,8 +72,8 @@ def _on_policy_scored(model, cfg: DDPOCfg):
     lps = []
     with torch.no_grad():
         for t in r.timesteps:
-            e = guided_eps(model, lat[-1], t, r.prompt_embeds, r.negative_embeds, cfg.guidance_scale)
-            x, lp = ddim_step_with_logprob(model.scheduler, e, t, lat[-1], cfg.eta, generator=g)
+            e = guided_eps(model, lat[-1], t, r.prompt_embeds, r.negative_embeds, r.guidance_scale)
+            x, lp = ddim_step_with_logprob(model.scheduler, e, t, lat[-1], r.eta, generator=g)
             lat.append(x)
             lps.append(lp)
     rollout = replace(r, latents=torch.stack(lat, 1), log_probs=torch.stack(lps, 1))
@@ -90,6 +90,28 @@ def test_forward_recomputes_the_samplers_log_probs(tiny_model) -> None:
     out = ALGO.loss(fwd, cfg)
     assert float(out.metrics["ddpo/clipfrac"]) == 0.0
     torch.testing.assert_close(microbatch_mean(ALGO, tiny_model, b, cfg, 16), out.loss.detach())
+
+
+def test_forward_scores_the_rollouts_own_policy(tiny_model) -> None:
+    # eta and CFG w come from the rollout (what the sampler used), not from a second copy in the ddpo section:
+    # the same transitions recomputed under another w no longer match the stored log-probs
+    randomize_lora(tiny_model, scale=0.05)
+    cfg = DDPOCfg(min_std=0.0)
+    scored = _on_policy_scored(tiny_model, cfg)
+    other = replace(scored, rollout=replace(scored.rollout, guidance_scale=1.0))
+    b = build_batch(other, cfg, torch.Generator().manual_seed(1))
+    assert (b.eta, b.guidance_scale) == (scored.rollout.eta, 1.0)
+    fwd = ALGO.forward(tiny_model, b, cfg)
+    assert float((fwd.log_prob.detach() - b.old_log_prob).abs().max()) > 1e-3
+
+
+def test_rollouts_of_different_policies_do_not_concatenate() -> None:
+    from rlalign.types import concat_rollouts
+
+    r = make_scored(groups=1, per_group=2).rollout
+    assert concat_rollouts([r, r]).guidance_scale == r.guidance_scale
+    with pytest.raises(ValueError, match="eta, guidance_scale"):
+        concat_rollouts([r, replace(r, guidance_scale=r.guidance_scale + 1)])
 
 
 def test_min_std_excludes_low_noise_steps(tiny_model) -> None:
