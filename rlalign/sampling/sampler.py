@@ -181,8 +181,6 @@ class Sampler:
             prompt_embeds=cond.cpu(),
             negative_embeds=self._negative_embeds().cpu(),
             policy_version=self.version,
-            eta=eta,
-            guidance_scale=self.cfg.guidance_scale,
             step_pairs=step_pairs,
             metrics=metrics,
         )
@@ -205,6 +203,8 @@ class Sampler:
         t: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """One branched step. Returns (x_w (continues), x_l, valid [B], r_w [B], r_l [B], eps at (x_w, s) or None)."""
+        from rlalign.algos.tailorpo import rank_candidates  # the unit-tested ranking, not a copy
+
         assert self.scorer is not None
         k, b = cfg.num_candidates, mean.shape[0]
         s = prev_timestep(self.parts.scheduler, t)
@@ -216,10 +216,9 @@ class Sampler:
         prompts = list(batch.prompts) * k
         rewards = torch.from_numpy(np.asarray(self.scorer.score(self._decode_uint8(targets), prompts))).float()
         rewards = rewards.reshape(k, b)
-        w_idx, l_idx = rewards.argmax(0), rewards.argmin(0)
+        w_idx, l_idx, valid = rank_candidates(rewards, cfg.tie_eps)  # best vs worst; ties give no pair
         rows = torch.arange(b)
         r_w, r_l = rewards[w_idx, rows], rewards[l_idx, rows]
-        valid = (r_w - r_l) > cfg.tie_eps
         x_w, x_l = cand[w_idx, rows], cand[l_idx, rows]
         e_next = None if e_c is None else e_c.reshape(k, b, *mean.shape[1:])[w_idx, rows]
         if cfg.guide and self.scorer.differentiable:
@@ -249,6 +248,8 @@ class Sampler:
         self, cfg: BranchCfg, x_w: Tensor, s: Tensor, cond: Tensor, prompts: list[str], std: Tensor, sign: float = 1.0
     ) -> Tensor:
         """x^+ = x^w + sign * eta_g * normalise(d reward / d x^w), chained through x0-hat and the VAE decoder (3.2)."""
+        from rlalign.algos.tailorpo import guided_candidate  # the unit-tested guidance step, not a copy
+
         assert self.scorer is not None
         x = x_w.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -266,12 +267,7 @@ class Sampler:
             _, grad_pixels = self.scorer.score_and_grad(pixels, prompts)
             grad_img = torch.from_numpy(np.ascontiguousarray(grad_pixels)).permute(0, 3, 1, 2).to(img)
             (g,) = torch.autograd.grad(img, x, grad_outputs=grad_img)
-        if cfg.guidance_norm == "rms_sigma":
-            rms = g.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
-            step = cfg.guidance_step * _bcast(std, g) * g / rms
-        else:
-            step = cfg.guidance_step * g
-        return (x_w + sign * step).detach()
+        return guided_candidate(x_w, g, sign * cfg.guidance_step, std=std, norm=cfg.guidance_norm)
 
 
 def _bcast(std: Tensor, like: Tensor) -> Tensor:

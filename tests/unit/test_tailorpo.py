@@ -92,10 +92,8 @@ def test_build_batch_drops_invalid_pairs_and_keeps_alignment() -> None:
 
 
 def test_forward_on_fresh_lora_is_ln2_with_cfg(tiny_model) -> None:
-    cfg = TailorPOCfg(min_std=1e-6)
-    b = _batch(cfg)
-    assert (b.eta, b.guidance_scale) == (1.0, 3.0)  # the rollout's sampling policy, CFG on
-    fwd = ALGO.forward(tiny_model, b, cfg)
+    cfg = TailorPOCfg(guidance_scale=3.0, min_std=1e-6)
+    fwd = ALGO.forward(tiny_model, _batch(cfg), cfg)
     assert torch.equal(fwd.lr_w, torch.zeros_like(fwd.lr_w)) and torch.equal(fwd.lr_l, torch.zeros_like(fwd.lr_l))
     assert abs(float(ALGO.loss(fwd, cfg).loss.detach()) - math.log(2)) < 1e-7
 
@@ -107,14 +105,14 @@ def test_forward_log_ratios_equal_naive_log_prob_difference() -> None:
     b = _batch(cfg, groups=1, per_group=2)
     fwd = ALGO.forward(model, b, cfg)
     with torch.no_grad():
-        e_th = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, b.guidance_scale, adapters=True)
-        e_ref = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, b.guidance_scale, adapters=False)
+        e_th = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, cfg.guidance_scale, adapters=True)
+        e_ref = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, cfg.guidance_scale, adapters=False)
         for x, lr in ((b.x_w, fwd.lr_w), (b.x_l, fwd.lr_l)):
             lp_th = ddim_step_with_logprob(
-                model.scheduler, e_th.double(), b.t, b.x_t.double(), b.eta, prev_sample=x.double()
+                model.scheduler, e_th.double(), b.t, b.x_t.double(), 1.0, prev_sample=x.double()
             )[1]
             lp_rf = ddim_step_with_logprob(
-                model.scheduler, e_ref.double(), b.t, b.x_t.double(), b.eta, prev_sample=x.double()
+                model.scheduler, e_ref.double(), b.t, b.x_t.double(), 1.0, prev_sample=x.double()
             )[1]
             torch.testing.assert_close(lr.double(), lp_th - lp_rf, rtol=1e-3, atol=1e-6)
     assert float(fwd.lr_w.detach().abs().max()) > 0
@@ -221,3 +219,28 @@ def test_step_log_ratios_match_diffusers_means_for_v_prediction() -> None:
         naive.append((((x[row] - mu_ref) ** 2 - (x[row] - mu_th) ** 2) / (2 * var)).mean())
     assert float(lr.detach().abs().max()) > 1e-4  # the policy differs from the reference
     torch.testing.assert_close(lr.detach().double(), torch.stack(naive), rtol=1e-3, atol=1e-7)
+
+
+def test_rank_candidates_k3_best_vs_worst_with_tie_eps() -> None:
+    rewards = torch.tensor([[0.1, 5.0, 2.0], [0.9, 5.0, 2.5], [0.5, 5.05, 2.0]])  # [k=3, B=3]
+    win, lose, valid = rank_candidates(rewards, tie_eps=0.1)
+    # column 1: gap 0.05 <= tie_eps; column 2: equal minima, the first loses
+    assert win.tolist() == [1, 2, 1] and lose.tolist() == [0, 0, 0] and valid.tolist() == [True, False, True]
+
+
+def test_guided_candidate_negative_step_and_the_samplers_former_formula() -> None:
+    g = torch.Generator().manual_seed(5)
+    x, grad = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    std = torch.tensor([0.5, 0.1], dtype=torch.float64)  # as ddim_mean_std returns it
+    up = guided_candidate(x, grad, 0.2, std=std, norm="rms_sigma")
+    down = guided_candidate(x, grad, -0.2, std=std, norm="rms_sigma")
+    torch.testing.assert_close(down - x, -(up - x))
+    torch.testing.assert_close((down - x).pow(2).mean(dim=(1, 2, 3)).sqrt(), 0.2 * std.float())
+    assert float(((down - x) * grad).sum()) < 0  # the loser is pushed down the reward gradient
+    torch.testing.assert_close(guided_candidate(x, grad, -0.5), x - 0.5 * grad)
+    # bit-identical to the expression Sampler._guide used before it called guided_candidate
+    rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+    for sign in (1.0, -1.0):
+        former = x + sign * (0.2 * std.to(grad).view(-1, 1, 1, 1) * grad / rms)
+        assert torch.equal(guided_candidate(x, grad, sign * 0.2, std=std, norm="rms_sigma"), former)
+        assert torch.equal(guided_candidate(x, grad, sign * 0.2, norm="none"), x + sign * (0.2 * grad))
