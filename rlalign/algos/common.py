@@ -32,11 +32,14 @@ class LossOutput(NamedTuple):
 class DiffusionModel(Protocol):
     """What an algorithm may ask of the model. `adapters=False` is the frozen reference (LoRA disabled)."""
 
-    scheduler: Any  # a diffusers DDIMScheduler with set_timesteps(T) already called (sampling grid)
+    scheduler: Any  # a diffusers DDIMScheduler with set_timesteps(T) already called (sampling grid); its
+    # config.prediction_type (epsilon | v_prediction, `logprob.check_scheduler`) says what `predict` returns
     alphas_cumprod: Tensor  # [1000] float64 training schedule
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, adapters: bool = True) -> Tensor:
-        """Noise prediction eps(x_t, t, cond): x_t [B,C,h,w], t [B] or [], cond [B,L,D] -> [B,C,h,w] float32."""
+        """U-Net output at (x_t, t, cond): eps or v per scheduler.config.prediction_type. x_t [B,C,h,w], t [B] or [],
+        cond [B,L,D] -> [B,C,h,w] float32. Losses convert it with `logprob.predicted_eps` / `denoising_target`.
+        """
         ...
 
     def embed(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -109,7 +112,7 @@ def guided_eps(
     *,
     adapters: bool = True,
 ) -> Tensor:
-    """Classifier-free guided noise prediction, one model call on 2B rows.
+    """Classifier-free guided model output (eps or v: guidance is linear, so either works), one call on 2B rows.
 
     x_t [B,C,h,w], t [B] or [], cond [B,L,D], uncond [1,L,D] or [B,L,D]. guidance_scale 1 skips the
     unconditional half (the guided and conditional predictions coincide).
