@@ -13,8 +13,9 @@ from rlalign import __version__
 
 EXAMPLES = """\
 examples:
-  rlalign train                                   embedded digits model, default algorithm (tailorpo), local Ray
+  rlalign train                                   the digits demo (configs/digits.yaml): tailorpo, local Ray
   rlalign train configs/diffusion_dpo_digits.yaml  a config file: only differences from the defaults
+  rlalign config configs/tailorpo_sdxl.yaml model.path=/models/sdxl   check a GPU config and the GPUs it asks for
   rlalign train algo=ddpo iterations=5 sampler.num_workers=2
   rlalign train configs/tailorpo_sd15.yaml model.path=/models/sd15 --address auto   join a running Ray cluster
   rlalign config configs/tiny.yaml                print the resolved config and derived sizes
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "base":
             return _base(args, console)
-        from rlalign.config import ConfigError, load_config, summary, to_yaml
+        from rlalign.config import ConfigError, load_config, resources_line, summary, to_yaml
 
         config, overrides = _split_config(args)
         if getattr(args, "address", None):
@@ -111,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(to_yaml(cfg), markup=False, highlight=False)
         if args.command == "config":
             console.print(summary(cfg))
+            console.print(resources_line(cfg), markup=False, highlight=False)
             return 0
         return _train(cfg, console)
     except KeyboardInterrupt:

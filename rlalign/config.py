@@ -1,9 +1,13 @@
 """Typed run configuration: dataclasses are the schema and the defaults; YAML files hold differences only.
 
-`load_config(path, overrides)` merges `RunCfg()` <- YAML file <- `a.b=value` overrides with OmegaConf's structured
-mode, so an unknown key or a wrong type fails at load with a message naming the key and the file. The defaults
-describe the embedded digits run (`rlalign train` with no file). Algorithm sections are the dataclasses that live
-beside each algorithm in `rlalign/algos/` (one typed section per method; a method reads only its own section).
+`load_config(path, overrides)` merges `RunCfg()` <- [digits preset] <- YAML file <- `a.b=value` overrides with
+OmegaConf's structured mode, so an unknown key or a wrong type fails at load with a message naming the key and the
+file. The schema defaults are neutral starting values for a user's own model. The settings calibrated for the
+embedded digits model (the demo: `rlalign train` with no file) live in one file, `rlalign/presets/digits.yaml`
+(`configs/digits.yaml` links to it); that layer applies whenever a run uses the embedded model (model.kind=digits,
+or model.kind=auto without model.path), so `configs/tiny.yaml` and `configs/diffusion_dpo_digits.yaml` build on it.
+Algorithm sections are the dataclasses that live beside each algorithm in `rlalign/algos/` (one typed section per
+method; a method reads only its own section).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,10 @@ from rlalign.algos.tailorpo import TailorPOCfg
 
 class ConfigError(ValueError):
     """A configuration problem, with the key and the file that caused it in the message."""
+
+
+# the embedded digits model's settings (package data, so an installed wheel finds it; configs/digits.yaml links here)
+DIGITS_PRESET = "presets/digits.yaml"
 
 
 @dataclass
@@ -51,10 +60,9 @@ class LoraCfg:
     # a LoRA trained elsewhere (peft or diffusers format: a directory with a *.safetensors, or the file) that seeds
     # the run instead of a fresh one; None starts from B = 0 (policy == reference)
     init_from: str | None = None
-    # U-Net modules that get adapters; attention alone is weak on the digits model (digits-calibration.md)
-    target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-    )
+    # U-Net modules that get adapters: the attention projections, the usual choice for SD LoRAs (the digits preset
+    # adds the transformer blocks' proj_in/proj_out/feed-forward layers: attention alone is weak there)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
@@ -74,8 +82,10 @@ class SamplerCfg:
     images_per_prompt: int = 4  # group size; pairs and advantages form inside a group
     num_steps: int = 20  # DDIM steps
     eta: float = 1.0  # DDIM eta; > 0 so every step has a log-probability
-    guidance_scale: float = 3.0  # classifier-free guidance w (the learner reads eta and w from the rollouts)
-    batch_size: int = 64  # U-Net rows per forward inside a sampler call (memory bound)
+    # classifier-free guidance w (diffusers' SD default; SDXL usually 5.0). The learner reads the rollout's own eta
+    # and w, so each is written once, here.
+    guidance_scale: float = 7.5
+    batch_size: int = 16  # U-Net rows per forward inside a sampler call (memory bound)
     # weights of the sampler's U-Net, VAE and text encoders: float32 | bfloat16 | float16. Log-probs, DDIM maths and
     # everything kept in the rollout stay float32 whatever this says.
     dtype: str = "float32"
@@ -96,7 +106,7 @@ class RewardSpec:
 
 @dataclass
 class RewardCfg:
-    models: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="digit_prompt")])
+    models: list[RewardSpec] = field(default_factory=list)  # at least one; the digits preset uses digit_prompt
     # what TailorPO's step-wise reward looks at: x0_hat (one-step prediction), noisy (x_{t-1} itself), final
     target: str = "x0_hat"
     timeout_s: float = 120.0  # a reward call slower than this is an error naming the reward
@@ -104,11 +114,12 @@ class RewardCfg:
 
 @dataclass
 class LearnerCfg:
-    lr: float = 3e-3
+    # AdamW lr for the LoRA parameters: a common LoRA starting value (the digits preset's small U-Net takes 3e-3)
+    lr: float = 1e-4
     weight_decay: float = 1e-4
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 32  # training rows per forward/backward; losses are averaged exactly over the batch
+    micro_batch_size: int = 8  # training rows per forward/backward; losses are averaged exactly over the batch
     epochs: int = 1  # passes over each iteration's batch
     optimizer_steps: int = 1  # optimiser steps per pass (the batch is split into this many shuffled chunks)
     num_cpus: float = 1.0
@@ -123,7 +134,7 @@ class LearnerCfg:
 @dataclass
 class RayCfg:
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port joins a cluster
-    mode: str = "async"  # async (samplers render iteration k+1 while the learner trains on k) | sync
+    mode: str = "sync"  # sync (on-policy) | async (samplers render iteration k+1 while the learner trains on k)
     max_policy_lag: int = 1  # async: a rollout may be at most this many LoRA versions behind
     num_cpus: int | None = None  # embedded Ray: CPUs to offer (None: the machine's)
     include_dashboard: bool = False
@@ -133,16 +144,16 @@ class RayCfg:
 
 @dataclass
 class EvalCfg:
-    every: int = 20  # also evaluate every N iterations (0: only before and after training): points on the curve
-    images_per_prompt: int = 5  # held-out images per eval prompt (40 digit prompts x 5 = 200 images)
+    every: int = 0  # also evaluate every N iterations (0: only before and after training): points on the curve
+    images_per_prompt: int = 5  # held-out images per eval prompt (digits: 40 prompts x 5 = 200 images)
     # eval seeds start here, above every training seed (run seed * 1_000_003 + images; 10_000_000 collided at seed 10)
     seed: int = 1 << 62
 
 
 @dataclass
 class LogCfg:
-    image_every: int = 5  # image grid every N iterations (0: never)
-    save_every: int = 10  # checkpoint every N iterations (0: only at the end)
+    image_every: int = 20  # image grid every N iterations (0: never)
+    save_every: int = 50  # checkpoint every N iterations (0: only at the end)
     keep_last: int = 3  # checkpoints kept
     tensorboard: bool = True
     wandb: bool = False
@@ -151,13 +162,12 @@ class LogCfg:
 
 @dataclass
 class RunCfg:
-    name: str = "digits"  # run directory name under out_dir
+    name: str = "run"  # run directory name under out_dir
     out_dir: str = "runs"
     seed: int = 0
-    iterations: int = 60
-    # stop after the iteration that crosses this many minutes of training (0: no limit); eval and save still run.
-    # The default keeps the embedded demo inside 10 minutes on 2 CPU cores.
-    time_budget_min: float = 7.0
+    iterations: int = 100
+    # stop after the iteration that crosses this many minutes of training (0: no limit); eval and save still run
+    time_budget_min: float = 0.0
     algo: str = "tailorpo"  # a name from rlalign.algos.ALGORITHMS
     resume: str | None = None  # None | latest | a checkpoint directory
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -195,19 +205,44 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RunCfg:
-    """Defaults <- YAML file <- `a.b=value` overrides; raises ConfigError naming the bad key and its source."""
-    merged = OmegaConf.structured(RunCfg)
-    if path is not None:
-        merged = _merge(merged, _load_yaml(Path(path)), source=str(path))
+    """Defaults <- digits preset (embedded model only) <- YAML file <- `a.b=value` overrides, then `validate`.
+
+    Raises ConfigError naming the bad key and its source. The preset layer is decided by the file and overrides
+    together (see `uses_digits_preset`), so `rlalign train model.path=/models/sd15` gets the neutral defaults.
+    """
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"command-line override {bad[0]!r} must look like key.sub=value")
+    layers: list[tuple[Any, str]] = []
+    if path is not None:
+        layers.append((_load_yaml(Path(path)), str(path)))
     if overrides:
-        merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), source="command line")
+        layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
+    schema = OmegaConf.structured(RunCfg)
+    merged = _merge_layers(schema, layers)
+    if uses_digits_preset(merged.model.kind, merged.model.path):
+        preset = _merge(schema, _load_yaml(digits_preset_path()), source=str(digits_preset_path()))
+        merged = _merge_layers(preset, layers)
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, RunCfg)
     validate(cfg)
     return cfg
+
+
+def uses_digits_preset(kind: str, path: str | None) -> bool:
+    """The digits preset applies to runs on the embedded digits model: kind digits, or kind auto without a path."""
+    return kind == "digits" or (kind == "auto" and not path)
+
+
+def digits_preset_path() -> Path:
+    """`rlalign/presets/digits.yaml` inside the installed package (editable or not)."""
+    return Path(str(resources.files("rlalign").joinpath(DIGITS_PRESET)))
+
+
+def _merge_layers(base: Any, layers: Sequence[tuple[Any, str]]) -> Any:
+    for update, source in layers:
+        base = _merge(base, update, source=source)
+    return base
 
 
 def _load_yaml(path: Path) -> Any:
@@ -243,6 +278,11 @@ def validate(cfg: RunCfg) -> None:
         fail("algo", f"unknown algorithm {cfg.algo!r}; choose from {', '.join(sorted(ALGORITHMS))}")
     if cfg.iterations < 0:
         fail("iterations", "must be >= 0")
+    # the model first: an SD config without its directory should say that, not complain about later keys
+    if cfg.model.kind in ("sd15", "sdxl") and not cfg.model.path:
+        fail("model.path", f"model.kind={cfg.model.kind} needs a local diffusers directory in model.path")
+    if cfg.model.path and not Path(cfg.model.path).expanduser().is_dir():
+        fail("model.path", f"directory {cfg.model.path} does not exist (rlalign never downloads weights)")
     s = cfg.sampler
     for key, value in (
         ("sampler.num_workers", s.num_workers),
@@ -266,8 +306,6 @@ def validate(cfg: RunCfg) -> None:
             fail(f"reward.models.{i}.normalize", f"got {spec.normalize!r}, expected none, running or group")
         if spec.name == "http" and not spec.url:
             fail(f"reward.models.{i}.url", "a reward with name=http needs url (e.g. http://127.0.0.1:8000)")
-    if cfg.model.kind in ("sd15", "sdxl") and not cfg.model.path:
-        fail("model.path", f"model.kind={cfg.model.kind} needs a local diffusers directory in model.path")
     if cfg.algo.startswith("ncp_") and cfg.learner.dtype != "float32":
         fail(
             "learner.dtype",
@@ -277,8 +315,6 @@ def validate(cfg: RunCfg) -> None:
         )
     if cfg.lora.init_from and not Path(cfg.lora.init_from).expanduser().exists():
         fail("lora.init_from", f"{cfg.lora.init_from} does not exist (a LoRA directory or .safetensors file)")
-    if cfg.model.path and not Path(cfg.model.path).expanduser().is_dir():
-        fail("model.path", f"directory {cfg.model.path} does not exist (rlalign never downloads weights)")
     if cfg.prompts.source == "file" and not (cfg.prompts.path and Path(cfg.prompts.path).is_file()):
         fail("prompts.path", f"prompts.source=file needs an existing prompt file, got {cfg.prompts.path!r}")
     if cfg.ray.max_policy_lag < 0:
@@ -294,11 +330,33 @@ def save_config(cfg: RunCfg, path: Path) -> None:
     path.write_text(to_yaml(cfg))
 
 
-def summary(cfg: RunCfg) -> dict[str, int]:
-    """Derived sizes printed at start-up."""
-    per_call = cfg.sampler.prompts_per_worker * cfg.sampler.images_per_prompt
+def summary(cfg: RunCfg) -> dict[str, int | float]:
+    """Derived sizes and the resources the run asks Ray for, printed at start-up.
+
+    cpus/gpus: sampler workers x their share + the learner + one actor per reward model (what `rlalign.actors`
+    requests); a fractional GPU share (e.g. 0.5 per reward) counts as that fraction.
+    """
+    s, learner, rewards = cfg.sampler, cfg.learner, cfg.reward.models
+    per_call = s.prompts_per_worker * s.images_per_prompt
     return {
         "images_per_sampler_call": per_call,
-        "images_per_iteration": per_call * cfg.sampler.num_workers,
-        "groups_per_iteration": cfg.sampler.prompts_per_worker * cfg.sampler.num_workers,
+        "images_per_iteration": per_call * s.num_workers,
+        "groups_per_iteration": s.prompts_per_worker * s.num_workers,
+        "cpus": _count(s.num_workers * s.num_cpus + learner.num_cpus + sum(m.num_cpus for m in rewards)),
+        "gpus": _count(s.num_workers * s.num_gpus + learner.num_gpus + sum(m.num_gpus for m in rewards)),
     }
+
+
+def resources_line(cfg: RunCfg) -> str:
+    """`asks Ray for 6 CPUs, 5.5 GPUs (GPUs: samplers 4 x 1 + learner 1 + rewards 0.5)`, from `summary`."""
+    totals, s = summary(cfg), cfg.sampler
+    reward_gpus = _count(sum(m.num_gpus for m in cfg.reward.models))
+    return (
+        f"asks Ray for {totals['cpus']} CPUs, {totals['gpus']} GPUs (GPUs: samplers {s.num_workers} x "
+        f"{_count(s.num_gpus)} + learner {_count(cfg.learner.num_gpus)} + rewards {reward_gpus})"
+    )
+
+
+def _count(x: float) -> int | float:
+    """Whole numbers print as ints (2, not 2.0); fractions keep up to 3 decimals."""
+    return round(x) if abs(x - round(x)) < 1e-9 else round(x, 3)

@@ -5,18 +5,102 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from rlalign.config import ConfigError, RunCfg, load_config, to_yaml
+from rlalign.config import (
+    ConfigError,
+    RunCfg,
+    digits_preset_path,
+    load_config,
+    resources_line,
+    summary,
+    to_yaml,
+    uses_digits_preset,
+)
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+REPO = Path(__file__).parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+GPU_CONFIGS = [p for p in CONFIGS if "_sd" in p.name]  # *_sd15.yaml, *_sdxl.yaml: a model dir the user provides
 
 
 def test_defaults_are_the_embedded_digits_run() -> None:
+    # `rlalign train` with no file (and `make demo`) runs exactly the demo it always ran: the digits preset
     cfg = load_config()
     assert isinstance(cfg, RunCfg)
     assert cfg.model.kind == "digits" and cfg.model.path is None
-    assert cfg.reward.models[0].name == "digit_prompt"
-    assert cfg.sampler.eta > 0
+    assert cfg.reward.models[0].name == "digit_prompt" and len(cfg.reward.models) == 1
+    assert (cfg.name, cfg.algo, cfg.iterations, cfg.time_budget_min) == ("digits", "tailorpo", 60, 7.0)
+    assert (cfg.learner.lr, cfg.learner.micro_batch_size) == (3e-3, 32)
+    assert (cfg.sampler.guidance_scale, cfg.sampler.batch_size, cfg.sampler.eta) == (3.0, 64, 1.0)
+    assert (cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt, cfg.sampler.num_steps) == (8, 4, 20)
+    assert cfg.lora.target_modules == [
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"
+    ]  # fmt: skip
+    assert (cfg.ray.mode, cfg.eval.every, cfg.log.image_every, cfg.log.save_every) == ("async", 20, 5, 10)
+
+
+def test_schema_defaults_are_neutral(tmp_path: Path) -> None:
+    # a user's own model gets no demo settings: no time budget, an SD-style LoRA lr, no reward picked for them
+    cfg = RunCfg()
+    assert cfg.time_budget_min == 0 and cfg.learner.lr == 1e-4 and cfg.reward.models == []
+    assert (cfg.ray.mode, cfg.eval.every, cfg.sampler.guidance_scale) == ("sync", 0, 7.5)
+    assert cfg.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    own = load_config(None, [f"model.path={tmp_path}", "reward.models=[{name: jpeg}]"])
+    assert (own.learner.lr, own.time_budget_min, own.name, own.model.kind) == (1e-4, 0.0, "run", "auto")
+    with pytest.raises(ConfigError, match=r"reward\.models"):  # the digits reward is not a silent default
+        load_config(None, [f"model.path={tmp_path}"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "preset"),
+    [
+        ("auto", None, True),
+        ("digits", None, True),
+        ("digits", "/x", True),
+        ("auto", "/x", False),
+        ("sd15", "/x", False),
+    ],
+)
+def test_digits_preset_applies_to_the_embedded_model_only(kind: str, path: str | None, preset: bool) -> None:
+    assert uses_digits_preset(kind, path) is preset
+
+
+def test_digits_preset_is_one_file_shipped_in_the_package() -> None:
+    preset = digits_preset_path()
+    assert preset.is_file() and preset.parent.parent == Path(__import__("rlalign").__file__).parent
+    # configs/digits.yaml is the user-facing name of the same file, not a second copy
+    assert (REPO / "configs" / "digits.yaml").resolve() == preset.resolve()
+    # a non-editable install must carry it: setuptools package data (pyproject.toml)
+    import tomllib
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["rlalign"]
+    assert "presets/*.yaml" in data
+    # loading the preset as a file gives the no-file defaults
+    assert to_yaml(load_config(REPO / "configs" / "digits.yaml")) == to_yaml(load_config())
+
+
+def test_digits_configs_build_on_the_preset() -> None:
+    tiny = load_config(REPO / "configs" / "tiny.yaml")
+    assert (tiny.iterations, tiny.time_budget_min, tiny.ray.mode, tiny.sampler.num_steps) == (2, 0.0, "sync", 4)
+    assert tiny.learner.lr == 3e-3 and tiny.reward.models[0].name == "digit_prompt"  # from the preset
+    dpo = load_config(REPO / "configs" / "diffusion_dpo_digits.yaml")
+    assert (dpo.learner.lr, dpo.diffusion_dpo.beta, dpo.sampler.guidance_scale) == (1e-3, 100.0, 3.0)
+
+
+def test_preset_is_decided_by_file_and_overrides_together(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tmp_path}", "reward.models=[{name: jpeg}]"])
+    assert cfg.learner.lr == 1e-4 and cfg.iterations == 2  # a model dir: schema defaults <- tiny.yaml
+    cfg = load_config(None, [f"model.path={tmp_path}", "model.kind=digits"])  # a digits build of one's own
+    assert cfg.learner.lr == 3e-3 and cfg.reward.models[0].name == "digit_prompt"
+
+
+def test_eta_and_guidance_are_written_once() -> None:
+    # the algorithms read the sampler's values from the rollouts; a second copy in their sections is gone
+    for key in ("tailorpo.eta", "tailorpo.guidance_scale", "ddpo.eta", "ddpo.guidance_scale"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}=1.0"])
+    cfg = load_config(None, ["algo=ddpo", "sampler.guidance_scale=5.0"])
+    assert cfg.sampler.guidance_scale == 5.0
 
 
 def test_yaml_differences_and_overrides_merge(tmp_path: Path) -> None:
@@ -72,12 +156,68 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads(path: Path) -> None:
-    if "sd15" in path.name:  # these name a model dir the user provides: check the schema only
-        from omegaconf import OmegaConf
-
-        merged = OmegaConf.merge(OmegaConf.structured(RunCfg), OmegaConf.load(path))  # unknown keys raise
-        assert merged.model.kind == "sd15"
-        return
-    cfg = load_config(path)
+def test_every_shipped_config_loads(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # prompt files are named relative to the repository root
+    overrides = [f"model.path={tmp_path}"] if path in GPU_CONFIGS else []  # validate needs an existing directory
+    cfg = load_config(path, overrides)
     assert to_yaml(cfg)
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_configs_hold_only_differences(path: Path) -> None:
+    # STYLE B4: a YAML file states only what differs from what it builds on (the schema, or the digits preset).
+    # Exempt: `algo`, and the algorithm's own section, where GPU configs pin the papers' values on purpose (the
+    # algorithm defaults are tuned on the digits model and may move).
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    from rlalign.algos import ALGORITHMS
+
+    section = ALGORITHMS[data.get("algo", RunCfg.algo)].cfg_key
+    schema = OmegaConf.structured(RunCfg)
+    merged = OmegaConf.merge(schema, data)
+    base = schema
+    if uses_digits_preset(merged.model.kind, merged.model.path) and path.resolve() != digits_preset_path().resolve():
+        base = OmegaConf.merge(schema, OmegaConf.load(digits_preset_path()))
+    base_leaves = _leaves(OmegaConf.to_container(base))
+    same = [
+        k
+        for k, v in _leaves(data).items()
+        if k in base_leaves and base_leaves[k] == v and k != "algo" and not k.startswith(section + ".")
+    ]
+    assert not same, f"{path.name} repeats values it already inherits: {same}"
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.name for p in GPU_CONFIGS])
+def test_gpu_configs_are_marked_starting_points(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert "NOT YET VALIDATED ON A GPU" in header
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path, [f"model.path={tmp_path}"])
+    assert cfg.model.kind == ("sdxl" if "_sdxl" in path.name else "sd15")
+    assert cfg.sampler.dtype == "bfloat16" and cfg.sampler.num_gpus > 0 and cfg.learner.num_gpus > 0
+    assert cfg.learner.dtype == ("float32" if cfg.algo.startswith("ncp_") else "bfloat16")
+    if cfg.model.kind == "sdxl":
+        assert cfg.learner.gradient_checkpointing and cfg.sampler.guidance_scale == 5.0
+    if cfg.algo == "ddpo":  # DDPO code's values
+        assert (cfg.sampler.num_steps, cfg.sampler.eta, cfg.sampler.guidance_scale) == (50, 1.0, 5.0)
+        assert (cfg.learner.lr, cfg.ddpo.clip_range) == (3e-4, 1e-4)
+    if cfg.algo == "diffusion_dpo":  # the original repo's beta_dpo 5000, halved by our convention
+        assert cfg.diffusion_dpo.beta == 2500.0
+
+
+def test_summary_counts_cpus_and_gpus() -> None:
+    cfg = load_config(None, ["sampler.num_workers=4", "sampler.num_gpus=1", "learner.num_gpus=1"])
+    cfg.reward.models[0].num_gpus = 0.5
+    cfg.reward.models[0].num_cpus = 2
+    sizes = summary(cfg)
+    # samplers 4 x (1 CPU, 1 GPU) + learner (1 CPU, 1 GPU) + reward (2 CPUs, 0.5 GPU)
+    assert (sizes["cpus"], sizes["gpus"]) == (7, 5.5)
+    assert sizes["images_per_iteration"] == 4 * 8 * 4
+    assert resources_line(cfg) == "asks Ray for 7 CPUs, 5.5 GPUs (GPUs: samplers 4 x 1 + learner 1 + rewards 0.5)"
+    demo = summary(load_config())
+    assert (demo["cpus"], demo["gpus"]) == (3, 0) and isinstance(demo["gpus"], int)
