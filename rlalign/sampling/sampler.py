@@ -181,6 +181,8 @@ class Sampler:
             prompt_embeds=cond.cpu(),
             negative_embeds=self._negative_embeds().cpu(),
             policy_version=self.version,
+            eta=eta,
+            guidance_scale=self.cfg.guidance_scale,
             step_pairs=step_pairs,
             metrics=metrics,
         )
