@@ -9,7 +9,8 @@ log-ratios (tailorpo.md 1.3, 2.4):
     z = beta (lr(x^w) - lr(x^l)),   L = mean over pairs of -log sigmoid(z)
 
 TailorPO-G moves the winner along the reward gradient before storing it (`guided_candidate`, tailorpo.md 3).
-Choices where the paper could not be read (all config fields): eta 1, CFG as the sampler, beta on mean-reduced
+Choices where the paper could not be read (config fields unless noted): eta and CFG w are the sampler's own (the
+batch carries the rollout's values, `Rollout.eta`/`guidance_scale`), beta on mean-reduced
 log-probs, no ratio clip, k > 2 uses best vs worst, ties (gap <= tie_eps) give no pair, steps with DDIM
 std < min_std excluded (digits-calibration.md), `rms_sigma` guidance normalisation with eta_g 0.1.
 Excluded rows (std < min_std) are kept in the batch with logit 0 and no gradient, so a fresh LoRA still gives
@@ -40,10 +41,6 @@ GUIDANCE_GRADS = ("full", "stopgrad_eps")
 class TailorPOCfg:
     # DPO logit scale on mean-reduced log-ratios (tailorpo.md: D3PO 0.1, SPO 10; unconfirmed for TailorPO)
     beta: float = 10.0
-    # DDIM eta of the policy; must equal sampler.eta (the learner rebuilds the sampler's Gaussian step)
-    eta: float = 1.0
-    # classifier-free guidance w of the policy; must equal sampler.guidance_scale
-    guidance_scale: float = 3.0
     # candidates branched from each shared x_t (sampler); best vs worst when k > 2
     k: int = 2
     # a step gives a pair only when best - worst step-wise reward > tie_eps (sampler)
@@ -70,8 +67,6 @@ class TailorPOCfg:
             raise ValueError(f"tailorpo.k must be >= 2, got {self.k}")
         if not self.min_std > 0:  # std = 0 steps (eta = 0, set_alpha_to_one) have no density to train
             raise ValueError(f"tailorpo.min_std must be > 0, got {self.min_std}")
-        if self.eta <= 0:
-            raise ValueError(f"tailorpo.eta must be > 0 (the step needs a density), got {self.eta}")
 
 
 class TailorPOBatch(NamedTuple):
@@ -83,6 +78,8 @@ class TailorPOBatch(NamedTuple):
     uncond: Tensor  # [N,L,D] empty-prompt embeddings (expanded)
     reward_w: Tensor  # [N] step-wise rewards (logging only)
     reward_l: Tensor  # [N]
+    eta: float  # the sampler's DDIM eta (the learner rebuilds its Gaussian step)
+    guidance_scale: float  # the sampler's classifier-free guidance w
 
 
 class TailorPOForward(NamedTuple):
@@ -141,6 +138,8 @@ def build_batch(scored: ScoredRollouts, cfg: TailorPOCfg, generator: torch.Gener
         uncond=r.negative_embeds[:1].expand(n, -1, -1),
         reward_w=sp.reward_w[b_idx, s_idx].float(),
         reward_l=sp.reward_l[b_idx, s_idx].float(),
+        eta=r.eta,
+        guidance_scale=r.guidance_scale,
     )
 
 
@@ -171,7 +170,7 @@ def step_log_ratios(
 def forward(model: DiffusionModel, batch: TailorPOBatch, cfg: TailorPOCfg) -> TailorPOForward:
     """Model calls only on rows with std >= min_std; other rows get lr = 0 (see module docstring)."""
     n = batch.t.shape[0]
-    std_all = ddim_std(model.scheduler, batch.t.cpu(), cfg.eta, n, torch.device("cpu"))
+    std_all = ddim_std(model.scheduler, batch.t.cpu(), batch.eta, n, torch.device("cpu"))
     keep = std_all >= cfg.min_std
     b = batch_to(batch, model.alphas_cumprod.device)
     idx = torch.nonzero(keep).flatten().to(b.t.device)
@@ -185,8 +184,8 @@ def forward(model: DiffusionModel, batch: TailorPOBatch, cfg: TailorPOCfg) -> Ta
             b.cond[idx],
             b.uncond[idx],
             [b.x_w[idx], b.x_l[idx]],
-            eta=cfg.eta,
-            guidance_scale=cfg.guidance_scale,
+            eta=b.eta,
+            guidance_scale=b.guidance_scale,
         )
         lr_w = lr_w.index_copy(0, idx, w.float())
         lr_l = lr_l.index_copy(0, idx, lo.float())

@@ -92,8 +92,10 @@ def test_build_batch_drops_invalid_pairs_and_keeps_alignment() -> None:
 
 
 def test_forward_on_fresh_lora_is_ln2_with_cfg(tiny_model) -> None:
-    cfg = TailorPOCfg(guidance_scale=3.0, min_std=1e-6)
-    fwd = ALGO.forward(tiny_model, _batch(cfg), cfg)
+    cfg = TailorPOCfg(min_std=1e-6)
+    b = _batch(cfg)
+    assert (b.eta, b.guidance_scale) == (1.0, 3.0)  # the rollout's sampling policy, CFG on
+    fwd = ALGO.forward(tiny_model, b, cfg)
     assert torch.equal(fwd.lr_w, torch.zeros_like(fwd.lr_w)) and torch.equal(fwd.lr_l, torch.zeros_like(fwd.lr_l))
     assert abs(float(ALGO.loss(fwd, cfg).loss.detach()) - math.log(2)) < 1e-7
 
@@ -105,14 +107,14 @@ def test_forward_log_ratios_equal_naive_log_prob_difference() -> None:
     b = _batch(cfg, groups=1, per_group=2)
     fwd = ALGO.forward(model, b, cfg)
     with torch.no_grad():
-        e_th = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, cfg.guidance_scale, adapters=True)
-        e_ref = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, cfg.guidance_scale, adapters=False)
+        e_th = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, b.guidance_scale, adapters=True)
+        e_ref = guided_eps(model, b.x_t, b.t, b.cond, b.uncond, b.guidance_scale, adapters=False)
         for x, lr in ((b.x_w, fwd.lr_w), (b.x_l, fwd.lr_l)):
             lp_th = ddim_step_with_logprob(
-                model.scheduler, e_th.double(), b.t, b.x_t.double(), 1.0, prev_sample=x.double()
+                model.scheduler, e_th.double(), b.t, b.x_t.double(), b.eta, prev_sample=x.double()
             )[1]
             lp_rf = ddim_step_with_logprob(
-                model.scheduler, e_ref.double(), b.t, b.x_t.double(), 1.0, prev_sample=x.double()
+                model.scheduler, e_ref.double(), b.t, b.x_t.double(), b.eta, prev_sample=x.double()
             )[1]
             torch.testing.assert_close(lr.double(), lp_th - lp_rf, rtol=1e-3, atol=1e-6)
     assert float(fwd.lr_w.detach().abs().max()) > 0
