@@ -134,3 +134,49 @@ def test_scheduler_with_clipping_is_refused(tiny_digits_dir: Path, tmp_path: Pat
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="clip_sample=True"):
         tiny_parts(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layouts, devices, speed switches (issue: real SD on GPUs)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_layouts_are_detected_and_a_wrong_kind_is_named(tiny_sd15_dir: Path, tiny_sdxl_dir: Path) -> None:
+    assert check_pipeline_dir(tiny_sd15_dir) == "sd15" and check_pipeline_dir(tiny_sdxl_dir) == "sdxl"
+    with pytest.raises(ModelDirError, match=r"model.kind=sd15 but .* holds an sdxl pipeline: set model.kind=sdxl"):
+        check_pipeline_dir(tiny_sdxl_dir, "sd15")
+
+
+def test_sdxl_dir_without_second_encoder_names_it(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_dir, broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(ModelDirError, match=r"missing folder\(s\) tokenizer_2 \(a StableDiffusionXLPipeline"):
+        check_pipeline_dir(broken)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA visible the error path cannot happen")
+def test_actor_given_a_gpu_it_cannot_see_says_so() -> None:
+    from rlalign.actors import reward_device
+    from rlalign.config import RewardSpec
+    from rlalign.models.loading import resolve_device
+
+    with pytest.raises(RuntimeError, match=r"asked for CUDA .*num_gpus=1.*torch.cuda.is_available\(\) is False"):
+        resolve_device(ModelCfg(), num_gpus=1)
+    assert resolve_device(ModelCfg(), num_gpus=0).type == "cpu"
+    with pytest.raises(RuntimeError, match=r"reward 'digit_prompt' needs a GPU \(num_gpus=0.5"):
+        reward_device(RewardSpec(name="digit_prompt", num_gpus=0.5))
+    assert reward_device(RewardSpec(name="digit_prompt")) == "cpu"
+
+
+def test_speed_switches_reach_the_modules(tiny_digits_dir: Path) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model = ModelCfg(path=str(tiny_digits_dir), attention="eager", vae_slicing=True, vae_tiling=True)
+    parts = load_parts(model, replace(LoraCfg(), rank=2, alpha=2.0), 4)
+    assert all(isinstance(p, AttnProcessor) for p in parts.unet.attn_processors.values())
+    assert parts.vae.use_slicing and parts.vae.use_tiling
+    sdpa = load_parts(ModelCfg(path=str(tiny_digits_dir)), replace(LoraCfg(), rank=2, alpha=2.0), 4)
+    assert all(isinstance(p, AttnProcessor2_0) for p in sdpa.unet.attn_processors.values())
+    learner = load_parts(ModelCfg(path=str(tiny_digits_dir)), LoraCfg(rank=2, alpha=2.0), 4, role="learner")
+    assert learner.vae is None and learner.text_encoder is None and learner.tokenizer is None
