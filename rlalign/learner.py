@@ -181,7 +181,7 @@ class Learner:
         if missing:
             raise FileNotFoundError(f"checkpoint {src} is incomplete: missing {', '.join(missing)}")
         set_peft_model_state_dict(self.parts.unet, load_file(str(src / LORA_FILE)))
-        blob = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=False)
+        blob = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True)  # no pickle code runs
         self.opt.load_state_dict(blob["optimizer"])
         if blob.get("scaler"):
             self.scaler.load_state_dict(blob["scaler"])
