@@ -25,7 +25,9 @@ import torch
 from peft import set_peft_model_state_dict
 from torch import Tensor
 
+from rlalign.algos.tailorpo import guided_candidate, rank_candidates  # the unit-tested maths, not copies
 from rlalign.config import SamplerCfg
+from rlalign.models.conditioning import unet_eps
 from rlalign.models.loading import DiffusionParts, to_uint8
 from rlalign.sampling.logprob import ddim_mean_std, ddim_step_with_logprob, predicted_x0, prev_timestep
 from rlalign.types import PromptBatch, Rollout, StepPairs, WeightsUpdate
@@ -95,12 +97,20 @@ class Sampler:
         import os
         import socket
 
-        return {"worker": self.worker_index, "version": self.version, "host": socket.gethostname(), "pid": os.getpid()}
+        return {
+            "worker": self.worker_index,
+            "version": self.version,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.parts.device),
+            "dtype": str(self.parts.dtype).removeprefix("torch."),
+            "layout": self.parts.layout,
+        }
 
     # ------------------------------------------------------------------ model calls
     def _negative_embeds(self) -> Tensor:
         if self._negative is None:
-            self._negative = self.parts.encode_prompts([""])
+            self._negative = self.parts.negative_embeds()
         return self._negative
 
     def _eps(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -116,10 +126,8 @@ class Sampler:
     def _guided(self, x: Tensor, t: Tensor, cond: Tensor, neg: Tensor, w: float) -> Tensor:
         unet, dtype = self.parts.unet, self.parts.dtype
         if w == 1.0:
-            return unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
-        both = unet(
-            torch.cat([x, x]).to(dtype), t, encoder_hidden_states=torch.cat([neg.expand_as(cond), cond]).to(dtype)
-        ).sample.float()
+            return unet_eps(unet, x, t, cond, dtype=dtype)
+        both = unet_eps(unet, torch.cat([x, x]), t, torch.cat([neg.expand_as(cond), cond]), dtype=dtype)
         e_u, e_c = both.chunk(2)
         return e_u + w * (e_c - e_u)
 
@@ -205,7 +213,6 @@ class Sampler:
         t: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """One branched step. Returns (x_w (continues), x_l, valid [B], r_w [B], r_l [B], eps at (x_w, s) or None)."""
-        from rlalign.algos.tailorpo import rank_candidates  # the unit-tested ranking, not a copy
 
         assert self.scorer is not None
         k, b = cfg.num_candidates, mean.shape[0]
@@ -250,7 +257,6 @@ class Sampler:
         self, cfg: BranchCfg, x_w: Tensor, s: Tensor, cond: Tensor, prompts: list[str], std: Tensor, sign: float = 1.0
     ) -> Tensor:
         """x^+ = x^w + sign * eta_g * normalise(d reward / d x^w), chained through x0-hat and the VAE decoder (3.2)."""
-        from rlalign.algos.tailorpo import guided_candidate  # the unit-tested guidance step, not a copy
 
         assert self.scorer is not None
         x = x_w.detach().requires_grad_(True)
