@@ -71,7 +71,7 @@ class UNetDenoiser:
         return unet_eps(self.unet, x, t, cond, dtype=self.dtype)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, adapters: bool = True) -> Tensor:
-        """U-Net output (eps or v, the scheduler's prediction type): x_t [B,C,h,w], t [B] or [], cond [B,L',D] -> float32.
+        """U-Net output (eps or v: the scheduler's prediction type), x_t [B,C,h,w], t [B], cond [B,L',D] -> float32.
 
         adapters=False is the frozen reference (wrap the call in torch.no_grad() yourself).
         """
