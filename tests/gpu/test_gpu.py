@@ -48,7 +48,7 @@ def gpu_overrides(model_dir: Path, classifier: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("layout", ["sd15", "sdxl"])
-@pytest.mark.parametrize("algo", ["tailorpo_g", "diffusion_dpo", "ddpo"])
+@pytest.mark.parametrize("algo", ["tailorpo_g", "diffusion_dpo"])
 def test_end_to_end_on_one_gpu_in_bf16(
     layout: str, algo: str, ray_gpu: None, tiny_sd15_dir: Path, tiny_sdxl_dir: Path, tiny_digits_dir: Path,
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
