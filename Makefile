@@ -55,5 +55,9 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
+## bench-realsize: real SD1.5 + SDXL U-Net architectures (random weights), one bf16 TailorPO and Diffusion-DPO update each on CPU (~4 min, 7 GiB RAM; docs/gpu-memory.md)
+bench-realsize: $(STAMP)
+	$(BIN)/python benchmarks/realsize.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) $(IR_VENV) .pytest_cache .ruff_cache .mypy_cache
