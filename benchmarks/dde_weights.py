@@ -1,4 +1,4 @@
-"""Plot every DDE credit-weight mode over the training timestep t (dde.md 2.5), normalised to mean 1.
+"""Plot every DDE credit-weight mode over the training timestep t (docs/algorithms/dde.md 2.5), normalised to mean 1.
 
     .venv/bin/python benchmarks/dde_weights.py [--schedule scaled_linear|squaredcos_cap_v2] [--out PATH]
 

@@ -2,7 +2,7 @@
 
 Prompt accuracy is read by the same digits classifier the `digit_prompt` reward uses. Because a policy can learn
 to please one classifier without drawing better digits, an independent judge (an RBF-SVC trained on scikit-learn's
-original 8x8 digits, reading images averaged down to 8x8) is logged beside it (digits-calibration.md).
+original 8x8 digits, reading images averaged down to 8x8) is logged beside it (docs/algorithms/digits-calibration.md).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def group_normalize(group_ids: Tensor, scores: Tensor, eps: float = 1e-8, clamp:
 
 
 def step_best_vs_worst(rewards: Tensor, tie_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """TailorPO step-level ranking of k candidates branched from one x_t (tailorpo.md 2.3).
+    """TailorPO step-level ranking of k candidates branched from one x_t (docs/algorithms/tailorpo.md 2.3).
 
     rewards [k, B] step-wise rewards -> (win_idx [B], lose_idx [B], valid [B] bool): best vs worst candidate of
     each row; `valid` is False when `max - min <= tie_eps` (ties give no pair). For invalid rows the indices are

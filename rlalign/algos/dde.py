@@ -1,6 +1,8 @@
-"""DDE: Diffusion-DPO with an explicit per-timestep credit weight (Shi et al., arXiv 2411.14871; dde.md 2).
+"""DDE: Diffusion-DPO with an explicit per-timestep credit weight (Shi et al., arXiv 2411.14871;
+docs/algorithms/dde.md 2).
 
-The paper's method section could not be read; this is rlalign's reconstruction (dde.md 2.2-2.5), **unconfirmed**.
+The paper's method section could not be read; this is rlalign's reconstruction (docs/algorithms/dde.md 2.2-2.5),
+**unconfirmed**.
 For the split step t, log p_theta(x0) ~ log p_theta(x_t) [stepwise, upper segment] + log p_theta(x0 | x_t)
 [single-shot, final segment]; both theta-dependent parts are multiples of the denoising-error difference
 d = mse(e_theta, eps_tgt) - mse(e_ref, eps_tgt) from ONE network call at t:
@@ -19,7 +21,7 @@ w == 1 is then Diffusion-DPO with an extra per-timestep factor abar_t (`diffusio
 
 Registry mapping (our decision): the registry name picks the estimator, i.e. the default weight:
 `dde_stepwise` -> w = lam_step ("stepwise"), `dde_single_shot` -> w = lam_ss ("single_shot").
-`DDECfg.weight` (default None) overrides that with any mode of `WEIGHT_MODES`; dde.md's recommended
+`DDECfg.weight` (default None) overrides that with any mode of `WEIGHT_MODES`; docs/algorithms/dde.md's recommended
 middle-peaked stand-in is `weight: dde_mid` (also `dde_weight`'s default), `dde_sum` = lam_step + lam_ss.
 State source: "renoise" (shared t and noise per pair, as Diffusion-DPO; default) or "trajectory" (the sampler's
 stored x_t on its grid; winner and loser then have different x_t).
@@ -56,7 +58,7 @@ class DDECfg:
     # logit scale, Diffusion-DPO convention (= repo beta_dpo / 2); weights have mean 1 so the scale carries over
     beta: float = 1000.0
     # None: the registry name's estimator weight (dde_stepwise: stepwise, dde_single_shot: single_shot);
-    # else one of dde_mid | dde_sum | dde_index | single_shot | stepwise | uniform (dde.md 2.5)
+    # else one of dde_mid | dde_sum | dde_index | single_shot | stepwise | uniform (docs/algorithms/dde.md 2.5)
     weight: str | None = None
     # DDIM eta of the stepwise posterior q(x_s | x_t, x0) in lam_step (needs > 0); s = t - stride comes from the
     # model's scheduler (1000 // sampler steps)
@@ -90,7 +92,8 @@ class DDECfg:
 
 # ---------------------------------------------------------------- estimators and weights (float64)
 def stepwise_weight(abar_t: Tensor, abar_s: Tensor, eta: float = 1.0) -> Tensor:
-    """lam_step = b_t^2 / (2 sig^2) (dde.md 2.3, eq. S): per-element KL weight of the DDIM transition t -> s.
+    """lam_step = b_t^2 / (2 sig^2) (docs/algorithms/dde.md 2.3, eq. S): per-element KL weight of the DDIM transition
+    t -> s.
 
     sig^2 = eta^2 (1-abar_s)/(1-abar_t) (1-abar_t/abar_s), b_t = sqrt(1-abar_s-sig^2) - sqrt(abar_s(1-abar_t)/abar_t).
     0 where sig = 0 (abar_s == abar_t, e.g. t = 0 with set_alpha_to_one=False).
@@ -101,7 +104,8 @@ def stepwise_weight(abar_t: Tensor, abar_s: Tensor, eta: float = 1.0) -> Tensor:
 
 
 def single_shot_weight(abar_t: Tensor, s0: float = 1.0) -> Tensor:
-    """lam_ss = (1 - abar_t) / (2 s0^2 abar_t) (dde.md 2.4, eq. SS): x0-space sensitivity to an eps error."""
+    """lam_ss = (1 - abar_t) / (2 s0^2 abar_t) (docs/algorithms/dde.md 2.4, eq. SS): x0-space sensitivity to an eps
+    error."""
     return (1 - abar_t) / (2 * s0**2 * abar_t)
 
 
@@ -109,7 +113,8 @@ def single_shot_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
     """Single-shot terminal estimate: the eta = 0 DDIM jump x_t -> x0, x0_hat = (x_t - sqrt(1-abar) eps)/sqrt(abar).
 
     x_t, eps [B,C,h,w]; abar_t [B] (or scalar) float64. Equals running all remaining eta = 0 DDIM steps under a
-    model whose eps is constant along the path (dde.md 7.6). `eps` is a noise prediction: convert a v_prediction
+    model whose eps is constant along the path (docs/algorithms/dde.md 7.6). `eps` is a noise prediction: convert a
+    v_prediction
     output first (`logprob.predicted_eps`).
     """
     a = abar_t.to(torch.float64).reshape(-1, *([1] * (x_t.ndim - 1)))
@@ -131,7 +136,8 @@ def dde_weight(
     """Credit weight w(t) at `timesteps` (default all 0..N-1), float64 [len(timesteps)], mean 1 over them.
 
     The mean-1 normalisation is over the given timesteps (= the uniform training distribution over them).
-    Modes (dde.md 2.5): dde_mid abar(1-abar) (default stand-in, peaks at abar = 0.5); dde_sum lam_step + lam_ss;
+    Modes (docs/algorithms/dde.md 2.5): dde_mid abar(1-abar) (default stand-in, peaks at abar = 0.5); dde_sum
+    lam_step + lam_ss;
     dde_index u(1-u), u = t/N; single_shot lam_ss; stepwise lam_step with s = t - stride (abar_s =
     final_alpha_cumprod, default abar[0], when s < 0); uniform 1 (= Diffusion-DPO). `stride` (the sampler's
     num_train_timesteps // steps) is required by stepwise and dde_sum.
@@ -244,7 +250,7 @@ def _forward(model: DiffusionModel, batch: DDEBatch, cfg: DDECfg, default_mode: 
     if b.xt_w is None or b.xt_l is None:
         eps = torch.cat([b.noise, b.noise]).float()
         x_t = add_noise(model.alphas_cumprod, x0, eps, t2)
-    else:  # eps_tgt = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (dde.md 2.2)
+    else:  # eps_tgt = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (docs/algorithms/dde.md 2.2)
         x_t = torch.cat([b.xt_w, b.xt_l]).float()
         abar = model.alphas_cumprod[t2].view(-1, 1, 1, 1)
         eps = ((x_t.double() - abar.sqrt() * x0.double()) / (1 - abar).sqrt()).float()
@@ -270,7 +276,8 @@ def forward_single_shot(model: DiffusionModel, batch: DDEBatch, cfg: DDECfg) -> 
 def dde_loss(
     err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, weight: Tensor, *, beta: float
 ) -> LossOutput:
-    """-mean log sigmoid(beta * w(t) * ((ref_err_w - ref_err_l) - (err_w - err_l))), all [P] (dde.md 2.5)."""
+    """-mean log sigmoid(beta * w(t) * ((ref_err_w - ref_err_l) - (err_w - err_l))), all [P] (docs/algorithms/dde.md
+    2.5)."""
     out = logistic_preference_loss(weight * ((ref_err_w - ref_err_l) - (err_w - err_l)), beta)
     out.metrics.update(
         {

@@ -1,8 +1,9 @@
 """NCP: preference optimisation in the U-Net's noise-conditioned embedding space (Gambashidze et al., arXiv
-2406.17636; ncp.md). NCP-DPO, NCP-CPO and NCP-SFT share `build_batch` and the forward maths.
+2406.17636; docs/algorithms/ncp.md). NCP-DPO, NCP-CPO and NCP-SFT share `build_batch` and the forward maths.
 
 Per pair: shared t, eps, z (winner/loser and policy/reference/target). x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps;
-target mode "prev" (default, ncp.md 1.1): one DDPM step t -> t-1 with the policy's, the reference's and the true
+target mode "prev" (default, docs/algorithms/ncp.md 1.1): one DDPM step t -> t-1 with the policy's, the reference's
+and the true
 noise, x_pol / x_ref / x_tgt; the frozen base U-Net's mid-block features E(., t-1, c) (`model.embed`) compare them:
 
     d(x) = mean((E(x) - E(x_tgt))^2)                                       [2P] (fp32)
@@ -11,8 +12,9 @@ noise, x_pol / x_ref / x_tgt; the frozen base U-Net's mid-block features E(., t-
     NCP-SFT: L = mean(d_pol_w)                                    (losers and the reference never computed)
 
 E runs on the target, reference and policy rows in three same-sized calls (not one stacked no-grad call as
-ncp.md suggests), so a fresh LoRA gives f_ref == f_pol bit-for-bit and the loss is exactly ln 2.
-Choices (ncp.md, unconfirmed): t in [1, 999]; layer mid; target_mode prev; CPO's NLL weight lambda = 10 (the
+docs/algorithms/ncp.md suggests), so a fresh LoRA gives f_ref == f_pol bit-for-bit and the loss is exactly ln 2.
+Choices (docs/algorithms/ncp.md, unconfirmed): t in [1, 999]; layer mid; target_mode prev; CPO's NLL weight lambda =
+10 (the
 authors' code has 0); beta multiplies the logits directly (as diffusion_dpo). Feature maps are compared in fp32.
 v_prediction: every U-Net output is first converted to eps_hat (`logprob.predicted_eps`), so the DDPM step, x0_hat
 and the re-noising below see a noise prediction whatever the model's parameterisation.
@@ -87,7 +89,7 @@ class NCPForward(NamedTuple):
 
 
 def build_batch(scored: ScoredRollouts, cfg: NCPCfg, generator: torch.Generator) -> NCPBatch:
-    """Pure: best vs worst per group; shared t in [t_min, t_max], eps, z per pair (ncp.md 6)."""
+    """Pure: best vs worst per group; shared t in [t_min, t_max], eps, z per pair (docs/algorithms/ncp.md 6)."""
     x0_w, x0_l, cond_w, cond_l = pair_final_latents(scored, cfg.min_reward_gap)
     p = x0_w.shape[0]
     t = torch.randint(cfg.t_min, cfg.t_max + 1, (p,), generator=generator)
@@ -170,7 +172,7 @@ def forward_sft(model: DiffusionModel, batch: NCPBatch, cfg: NCPCfg) -> NCPForwa
 
 
 def ncp_dpo_loss(d_pol_w: Tensor, d_pol_l: Tensor, d_ref_w: Tensor, d_ref_l: Tensor, *, beta: float) -> LossOutput:
-    """NCP-DPO (ncp.md 2.1): logits = (d_ref_w - d_ref_l) - (d_pol_w - d_pol_l), all [P]."""
+    """NCP-DPO (docs/algorithms/ncp.md 2.1): logits = (d_ref_w - d_ref_l) - (d_pol_w - d_pol_l), all [P]."""
     out = logistic_preference_loss((d_ref_w - d_ref_l) - (d_pol_w - d_pol_l), beta)
     out.metrics.update(
         {
@@ -184,7 +186,8 @@ def ncp_dpo_loss(d_pol_w: Tensor, d_pol_l: Tensor, d_ref_w: Tensor, d_ref_l: Ten
 
 
 def ncp_cpo_loss(d_pol_w: Tensor, d_pol_l: Tensor, *, beta: float, nll_weight: float) -> LossOutput:
-    """NCP-CPO (ncp.md 2.2): reference-free -log sigmoid(beta (d_l - d_w)) + nll_weight * beta * d_w, mean [P]."""
+    """NCP-CPO (docs/algorithms/ncp.md 2.2): reference-free -log sigmoid(beta (d_l - d_w)) + nll_weight * beta * d_w,
+    mean [P]."""
     logits = d_pol_l - d_pol_w
     pref = -F.logsigmoid(beta * logits).mean()
     nll = d_pol_w.mean()
@@ -203,7 +206,7 @@ def ncp_cpo_loss(d_pol_w: Tensor, d_pol_l: Tensor, *, beta: float, nll_weight: f
 
 
 def ncp_sft_loss(d_pol_w: Tensor) -> LossOutput:
-    """NCP-SFT (ncp.md 2.3): mean perceptual denoising error on winners [P]."""
+    """NCP-SFT (docs/algorithms/ncp.md 2.3): mean perceptual denoising error on winners [P]."""
     return LossOutput(d_pol_w.mean(), {"ncp/d_pol_w": d_pol_w.detach().mean()})
 
 

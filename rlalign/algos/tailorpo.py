@@ -2,17 +2,18 @@
 
 At each denoising step the sampler draws k candidates x_{t-1} from the shared x_t, ranks them by the step-wise
 reward of their one-step x0_hat, and stores (x_t, x^w, x^l). The learner applies DPO to the exact DDIM transition
-log-ratios (tailorpo.md 1.3, 2.4):
+log-ratios (docs/algorithms/tailorpo.md 1.3, 2.4):
 
     lr(x) = log pi_theta(x|x_t) - log pi_ref(x|x_t) = mean_{C,h,w}(2 (x - mu_ref) d - d^2) / (2 sigma_t^2),
     d = mu_theta - mu_ref = b_t (eps_theta - eps_ref)   (CFG-guided eps, same guidance scale as the sampler)
     z = beta (lr(x^w) - lr(x^l)),   L = mean over pairs of -log sigmoid(z)
 
-TailorPO-G moves the winner along the reward gradient before storing it (`guided_candidate`, tailorpo.md 3).
+TailorPO-G moves the winner along the reward gradient before storing it (`guided_candidate`,
+docs/algorithms/tailorpo.md 3).
 Choices where the paper could not be read (config fields unless noted): eta and CFG w are the sampler's own (the
 batch carries the rollout's values, `Rollout.eta`/`guidance_scale`), beta on mean-reduced
 log-probs, no ratio clip, k > 2 uses best vs worst, ties (gap <= tie_eps) give no pair, steps with DDIM
-std < min_std excluded (digits-calibration.md), `rms_sigma` guidance normalisation with eta_g 0.1.
+std < min_std excluded (docs/algorithms/digits-calibration.md), `rms_sigma` guidance normalisation with eta_g 0.1.
 Excluded rows (std < min_std) are kept in the batch with logit 0 and no gradient, so a fresh LoRA still gives
 exactly ln 2 and micro-batch means still equal the full-batch mean (gradient is scaled by the kept fraction).
 Shapes: B trajectories, S branched steps, N = training rows (pairs), k candidates, C/h/w latents.
@@ -39,7 +40,8 @@ GUIDANCE_GRADS = ("full", "stopgrad_eps")
 
 @dataclass
 class TailorPOCfg:
-    # DPO logit scale on mean-reduced log-ratios (tailorpo.md: D3PO 0.1, SPO 10; unconfirmed for TailorPO)
+    # DPO logit scale on mean-reduced log-ratios (docs/algorithms/tailorpo.md: D3PO 0.1, SPO 10; unconfirmed for
+    # TailorPO)
     beta: float = 10.0
     # candidates branched from each shared x_t (sampler); best vs worst when k > 2
     k: int = 2
@@ -120,7 +122,8 @@ def guided_candidate(
 
 
 def build_batch(scored: ScoredRollouts, cfg: TailorPOCfg, generator: torch.Generator) -> TailorPOBatch:
-    """Pure: valid step pairs of every trajectory, flattened (b, step) -> rows, shuffled (tailorpo.md 2.5)."""
+    """Pure: valid step pairs of every trajectory, flattened (b, step) -> rows, shuffled (docs/algorithms/tailorpo.md
+    2.5)."""
     r = scored.rollout
     sp = r.step_pairs
     if sp is None:

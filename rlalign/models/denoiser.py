@@ -1,7 +1,8 @@
 """The learner's model: a diffusers `UNet2DConditionModel` with a peft LoRA, behind the `DiffusionModel` protocol.
 
 Policy = LoRA on; reference = the same module with adapters disabled (no deep copy); NCP's embedding network =
-the reference stopped at the mid block (ncp.md 5.1). This module may import diffusers/peft; `rlalign.algos`
+the reference stopped at the mid block (docs/algorithms/ncp.md 5.1). This module may import diffusers/peft;
+`rlalign.algos`
 reaches it only through `rlalign.algos.common.DiffusionModel`.
 """
 
@@ -81,7 +82,7 @@ class UNetDenoiser:
             return self._call(x_t, t, cond)
 
     def embed(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """NCP's E(x, t, c): frozen base U-Net features at the mid block, fp32 (ncp.md 1.2, 5.1).
+        """NCP's E(x, t, c): frozen base U-Net features at the mid block, fp32 (docs/algorithms/ncp.md 1.2, 5.1).
 
         x [n,C,h,w], t [n] or [], cond [n,L,D] -> [n,C_mid,h',w']. Adapters off, autocast off, the up path never
         runs (a hook raises `_StopAtMid`; it is removed in `finally`). Gradients flow to `x` only: `attach_lora`

@@ -212,7 +212,7 @@ def make_tokenizer(max_length: int) -> Any:
     """A CLIPTokenizer over our vocabulary.
 
     Loaded with `from_pretrained(dir)`: in transformers 5, `CLIPTokenizer(vocab_file=..., merges_file=...)` is
-    silently ignored (a 3-token vocabulary); see /work/shared/ENVIRONMENT.md.
+    silently ignored (a 3-token vocabulary).
     """
     from transformers import CLIPTokenizer
 
@@ -599,7 +599,8 @@ def _train_to_band(
 ) -> dict[str, Any]:
     """Train until measured accuracy is inside `band`.
 
-    Accuracy moves fast with steps (digits-calibration.md: 53 % at 150 steps, 98 % at 300), so a check that lands
+    Accuracy moves fast with steps (docs/algorithms/digits-calibration.md: 53 % at 150 steps, 98 % at 300), so a
+    check that lands
     above the band restores the last snapshot below it and replays (bit-identically) with checks twice as often.
     """
     spec, lo, hi = trainer.spec, band[0], band[1]

@@ -6,7 +6,8 @@ the current LoRA (theta_old) and returns `Rollout` records of CPU tensors.
 Noise is drawn per image from a generator seeded by that image's seed, so an image depends only on its prompt,
 seed and policy version: N samplers x B prompts give the same images as 1 sampler x N*B prompts.
 
-Branching (TailorPO, tailorpo.md 2.3): at every step k candidates x_{t-1} are drawn from one shared x_t, each is
+Branching (TailorPO, docs/algorithms/tailorpo.md 2.3): at every step k candidates x_{t-1} are drawn from one shared
+x_t, each is
 scored by the step-wise reward (on its predicted x0, the noisy sample itself, or the final image of a
 deterministic completion: `reward.target`), the best continues the trajectory, and the (best, worst) pair is
 stored. TailorPO-G (3.1-3.3) moves the best candidate along the reward gradient, chained from the reward model's
