@@ -140,6 +140,9 @@ class RayCfg:
     include_dashboard: bool = False
     placement_strategy: str = "PACK"  # PACK | SPREAD for the sampler placement group
     call_timeout_s: float = 600.0  # an actor call slower than this is reported as a dead/hung actor
+    # an actor still pending after this is reported with what it asked for (rlalign/resources.py); on an
+    # autoscaling cluster the report says it is waiting for nodes
+    pending_actor_timeout_s: float = 60.0
 
 
 @dataclass
