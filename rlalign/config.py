@@ -143,6 +143,9 @@ class RayCfg:
     # an actor still pending after this is reported with what it asked for (rlalign/resources.py); on an
     # autoscaling cluster the report says it is waiting for nodes
     pending_actor_timeout_s: float = 60.0
+    # a sampler or reward actor that dies is restarted and its request re-run; one that dies more often than
+    # this ends the run (its node keeps failing). 0: no restarts, the first death ends the run
+    max_actor_restarts: int = 3
 
 
 @dataclass
