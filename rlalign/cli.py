@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load, validate and print a config exactly as `train` would use it.",
     )
     _config_args(cfg)
+    cfg.add_argument(
+        "--check-files",
+        action="store_true",
+        help="also open the files the config names (prompts, model dir, reward weights, LoRA, checkpoint), as "
+        "`train` does before Ray starts",
+    )
 
     base = sub.add_parser(
         "base",
@@ -92,12 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     from rich.console import Console
+    from rich.text import Text
 
     console = Console()
     try:
         if args.command == "base":
             return _base(args, console)
-        from rlalign.config import ConfigError, load_config, resources_line, summary, to_yaml
+        from rlalign.config import ConfigError, load_config, preflight, resources_line, summary, to_yaml
 
         config, overrides = _split_config(args)
         if getattr(args, "address", None):
@@ -106,8 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides.append("ray.mode=async")
         try:
             cfg = load_config(config, overrides)
+            if args.command == "train" or args.check_files:
+                preflight(cfg)  # every file the config names, opened before Ray starts
         except ConfigError as err:
-            console.print(f"[red]config error:[/] {err}")
+            # one line, never wrapped, whatever the terminal width: `config error: <key>: <why>`
+            console.print(Text.assemble(("config error:", "red"), f" {err}"), soft_wrap=True)
             return 2
         console.print(to_yaml(cfg), markup=False, highlight=False)
         if args.command == "config":

@@ -12,6 +12,7 @@ method; a method reads only its own section).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from rlalign.algos.tailorpo import TailorPOCfg
 
 
 class ConfigError(ValueError):
-    """A configuration problem, with the key and the file that caused it in the message."""
+    """A configuration problem: the message is `<key>: <why>` (and the file or "command line" it came from)."""
 
 
 # the embedded digits model's settings (package data, so an installed wheel finds it; configs/digits.yaml links here)
@@ -218,7 +219,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     """
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ConfigError(f"command-line override {bad[0]!r} must look like key.sub=value")
+        raise ConfigError(f"{bad[0]}: a command-line override must look like key.sub=value")
     layers: list[tuple[Any, str]] = []
     if path is not None:
         layers.append((_load_yaml(Path(path)), str(path)))
@@ -229,9 +230,30 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     if uses_digits_preset(merged.model.kind, merged.model.path):
         preset = _merge(schema, _load_yaml(digits_preset_path()), source=str(digits_preset_path()))
         merged = _merge_layers(preset, layers)
+    cfg = _to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _to_object(merged: Any) -> RunCfg:
+    """Build the dataclasses; a section's own `__post_init__` check (e.g. tailorpo.k >= 2) becomes a ConfigError.
+
+    Each section is built alone first, so the error names the section even when the message does not.
+    """
+    for name in RunCfg.__dataclass_fields__:
+        node = merged[name]
+        if not OmegaConf.is_dict(node):
+            continue
+        try:
+            OmegaConf.to_object(node)
+        except ValueError as err:
+            text = str(err).splitlines()[0] if str(err) else type(err).__name__
+            head, sep, rest = text.partition(" ")
+            if head.startswith(name + ".") and sep:  # "tailorpo.k must be >= 2, got 1"
+                raise ConfigError(f"{head}: {rest}") from err
+            raise ConfigError(f"{name}: {text.removeprefix(name + ':').strip()}") from err
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, RunCfg)
-    validate(cfg)
     return cfg
 
 
@@ -253,11 +275,11 @@ def _merge_layers(base: Any, layers: Sequence[tuple[Any, str]]) -> Any:
 
 def _load_yaml(path: Path) -> Any:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file: {path} does not exist")
     try:
         return OmegaConf.load(path)
     except Exception as err:  # yaml errors come in several types; all mean the same to the user
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file: {path} is not valid YAML: {str(err).splitlines()[0]}") from err
 
 
 def _merge(base: Any, update: Any, *, source: str) -> Any:
@@ -266,52 +288,117 @@ def _merge(base: Any, update: Any, *, source: str) -> Any:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         reason = str(err).splitlines()[0]
-        raise ConfigError(f"{source}: bad config key {key!r}: {reason}") from err
+        raise ConfigError(f"{key}: {reason} (in {source})") from err
+
+
+# numeric ranges, per section: key -> rule (">= 0", "> 0", ">= 1"); None values (optional keys) are not checked.
+# Every value must also be finite. Choices are in _CHOICES; cross-key rules in `validate`.
+_RANGES: dict[str, str] = {
+    "iterations": ">= 0",
+    "time_budget_min": ">= 0",
+    "lora.rank": ">= 1",
+    "lora.alpha": "> 0",
+    "sampler.num_workers": ">= 1",
+    "sampler.num_cpus": ">= 0",
+    "sampler.num_gpus": ">= 0",
+    "sampler.prompts_per_worker": ">= 1",
+    "sampler.images_per_prompt": ">= 1",
+    "sampler.num_steps": ">= 1",
+    "sampler.guidance_scale": ">= 0",
+    "sampler.batch_size": ">= 1",
+    "reward.timeout_s": "> 0",
+    "learner.lr": "> 0",
+    "learner.weight_decay": ">= 0",
+    "learner.adam_eps": "> 0",
+    "learner.max_grad_norm": "> 0",
+    "learner.micro_batch_size": ">= 1",
+    "learner.epochs": ">= 1",
+    "learner.optimizer_steps": ">= 1",
+    "learner.num_cpus": ">= 0",
+    "learner.num_gpus": ">= 0",
+    "ray.max_policy_lag": ">= 0",
+    "ray.num_cpus": ">= 1",
+    "ray.call_timeout_s": "> 0",
+    "ray.pending_actor_timeout_s": "> 0",
+    "ray.max_actor_restarts": ">= 0",
+    "eval.every": ">= 0",
+    "eval.images_per_prompt": ">= 1",
+    "eval.seed": ">= 0",
+    "log.image_every": ">= 0",
+    "log.save_every": ">= 0",
+    "log.keep_last": ">= 0",
+    "tailorpo.beta": "> 0",
+    "tailorpo.tie_eps": ">= 0",
+    "tailorpo.ratio_clip_eps": "> 0",
+    "tailorpo.eta_g": ">= 0",
+    "dde.beta": "> 0",
+    "dde.min_reward_gap": ">= 0",
+    "diffusion_dpo.beta": "> 0",
+    "diffusion_dpo.min_reward_gap": ">= 0",
+    "ncp.beta": "> 0",
+    "ncp.cpo_nll_weight": ">= 0",
+    "ncp.min_reward_gap": ">= 0",
+    "ddpo.min_std": ">= 0",
+}
+_RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1}
 
 
 def validate(cfg: RunCfg) -> None:
-    """Check values the type system cannot; raise ConfigError naming the key."""
+    """Check values the type system cannot, section by section; raise ConfigError `<key>: <why>`.
+
+    Only the values themselves: the files a config names are opened by `preflight`, before Ray starts.
+    """
+    from reward_servers.registry import REWARDS
     from rlalign.algos import ALGORITHMS  # here, not at module top: keeps import order simple for algos
 
     def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"config key {key!r}: {msg}")
+        raise ConfigError(f"{key}: {msg}")
 
+    node = OmegaConf.structured(cfg)
     for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        value = OmegaConf.select(node, key)
         if value not in allowed:
             fail(key, f"got {value!r}, expected one of {', '.join(allowed)}")
     if cfg.algo not in ALGORITHMS:
         fail("algo", f"unknown algorithm {cfg.algo!r}; choose from {', '.join(sorted(ALGORITHMS))}")
-    if cfg.iterations < 0:
-        fail("iterations", "must be >= 0")
     # the model first: an SD config without its directory should say that, not complain about later keys
     if cfg.model.kind in ("sd15", "sdxl") and not cfg.model.path:
         fail("model.path", f"model.kind={cfg.model.kind} needs a local diffusers directory in model.path")
     if cfg.model.path and not Path(cfg.model.path).expanduser().is_dir():
         fail("model.path", f"directory {cfg.model.path} does not exist (rlalign never downloads weights)")
     s = cfg.sampler
-    for key, value in (
-        ("sampler.num_workers", s.num_workers),
-        ("sampler.prompts_per_worker", s.prompts_per_worker),
-        ("sampler.images_per_prompt", s.images_per_prompt),
-        ("sampler.num_steps", s.num_steps),
-        ("learner.micro_batch_size", cfg.learner.micro_batch_size),
-        ("lora.rank", cfg.lora.rank),
-    ):
-        if value < 1:
-            fail(key, f"must be >= 1, got {value}")
-    if s.eta <= 0:
-        fail("sampler.eta", f"must be > 0 so every DDIM step has a log-probability, got {s.eta}")
+    if not (0 < s.eta <= 1):  # eta = 1 is DDPM's variance; above it the step is not a DDIM process
+        fail("sampler.eta", f"must be in (0, 1] so every DDIM step has a log-probability, got {s.eta}")
+    for key, rule in _RANGES.items():
+        value = OmegaConf.select(node, key)
+        if value is not None and not (math.isfinite(value) and _RULES[rule](value)):
+            fail(key, f"must be {rule}, got {value}")
+    if not cfg.name:
+        fail("name", "must be a non-empty directory name")
+    _check_actor_resources("sampler", s.num_cpus, s.num_gpus, s.resources)
+    _check_actor_resources("learner", cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resources)
+    if not cfg.lora.target_modules:
+        fail("lora.target_modules", "at least one U-Net module name is needed (e.g. to_q)")
     algo = ALGORITHMS[cfg.algo]
     if not algo.needs_step_pairs and s.images_per_prompt < 2:
         fail("sampler.images_per_prompt", f"{cfg.algo} pairs or normalises inside a group: need >= 2")
     if not cfg.reward.models:
         fail("reward.models", "at least one reward model is needed")
     for i, spec in enumerate(cfg.reward.models):
+        key = f"reward.models.{i}"
+        if spec.name not in REWARDS:
+            fail(f"{key}.name", f"unknown reward {spec.name!r}; known: {', '.join(sorted(REWARDS))}")
         if spec.normalize not in ("none", "running", "group"):
-            fail(f"reward.models.{i}.normalize", f"got {spec.normalize!r}, expected none, running or group")
+            fail(f"{key}.normalize", f"got {spec.normalize!r}, expected none, running or group")
+        if not math.isfinite(spec.weight):
+            fail(f"{key}.weight", f"must be finite, got {spec.weight}")
+        _check_actor_resources(key, spec.num_cpus, spec.num_gpus, {})
         if spec.name == "http" and not spec.url:
-            fail(f"reward.models.{i}.url", "a reward with name=http needs url (e.g. http://127.0.0.1:8000)")
+            fail(f"{key}.url", "a reward with name=http needs url (e.g. http://127.0.0.1:8000)")
+        if spec.url and not spec.url.startswith(("http://", "https://")):
+            fail(f"{key}.url", f"must start with http:// or https://, got {spec.url!r}")
+        if spec.path is not None and not REWARDS[spec.name].weights:
+            fail(f"{key}.path", f"reward {spec.name!r} has no weights; remove path (got {spec.path!r})")
     if cfg.algo.startswith("ncp_") and cfg.learner.dtype != "float32":
         fail(
             "learner.dtype",
@@ -323,8 +410,90 @@ def validate(cfg: RunCfg) -> None:
         fail("lora.init_from", f"{cfg.lora.init_from} does not exist (a LoRA directory or .safetensors file)")
     if cfg.prompts.source == "file" and not (cfg.prompts.path and Path(cfg.prompts.path).is_file()):
         fail("prompts.path", f"prompts.source=file needs an existing prompt file, got {cfg.prompts.path!r}")
-    if cfg.ray.max_policy_lag < 0:
-        fail("ray.max_policy_lag", "must be >= 0")
+    if cfg.prompts.source == "file" and cfg.prompts.eval_path and not Path(cfg.prompts.eval_path).is_file():
+        fail("prompts.eval_path", f"file {cfg.prompts.eval_path} does not exist")
+
+
+def _check_actor_resources(key: str, num_cpus: float, num_gpus: float, resources: dict[str, float]) -> None:
+    """Quantities Ray accepts: >= 0, finite, whole numbers above 1 GPU; CPU/GPU not among custom resources."""
+    if not (math.isfinite(num_cpus) and num_cpus >= 0):
+        raise ConfigError(f"{key}.num_cpus: must be >= 0, got {num_cpus}")
+    if not (math.isfinite(num_gpus) and num_gpus >= 0):
+        raise ConfigError(f"{key}.num_gpus: must be >= 0, got {num_gpus}")
+    if num_gpus > 1 and num_gpus != int(num_gpus):
+        raise ConfigError(f"{key}.num_gpus: a share above 1 GPU must be a whole number (Ray), got {num_gpus}")
+    for name, value in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ConfigError(f"{key}.resources.{name}: use {key}.num_{name.lower()}s instead")
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}.resources.{name}: must be >= 0, got {value}")
+
+
+def preflight(cfg: RunCfg) -> None:
+    """Open and check, on the driver, every file a validated config names; raise ConfigError `<key>: <why>`.
+
+    Run before Ray starts (the CLI calls it after `load_config`), so a bad file costs seconds, not a cluster start:
+    prompt files (readable, at least one prompt), the model directory (layout; its scheduler must not clip),
+    reward weights directories, `lora.init_from` (a complete .safetensors holding U-Net LoRA tensors of rank
+    `lora.rank`) and the resume checkpoint (JSON state, LoRA file, optimizer.pt loadable with weights_only=True,
+    so no pickle code runs). Only headers and small files are read; the U-Net itself loads in the actors.
+    """
+    from rlalign.prompts import load_prompts
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{key}: {msg}")
+
+    if cfg.prompts.source == "file":
+        for key, eval_split in (("prompts.path", False), ("prompts.eval_path", True)):
+            if eval_split and not cfg.prompts.eval_path:
+                continue
+            try:
+                load_prompts(cfg.prompts, eval_split=eval_split)
+            except ValueError as err:
+                fail(key, str(err))
+    if cfg.model.path:
+        from rlalign.models.loading import check_pipeline_dir, load_ddim_scheduler
+
+        model_dir = Path(cfg.model.path).expanduser()
+        try:
+            check_pipeline_dir(model_dir, cfg.model.kind)
+            load_ddim_scheduler(model_dir / "scheduler", cfg.sampler.num_steps)
+        except (OSError, ValueError) as err:
+            fail("model.path", str(err).splitlines()[0])
+    _preflight_rewards(cfg)
+    if cfg.lora.init_from:
+        from rlalign.models.loading import check_lora_file
+
+        try:
+            check_lora_file(cfg.lora.init_from, cfg.lora.rank)
+        except (OSError, ValueError) as err:
+            fail("lora.init_from", str(err))
+    if cfg.resume is not None:
+        from rlalign.checkpoint import resolve_resume
+        from rlalign.models.loading import check_checkpoint
+
+        try:
+            check_checkpoint(resolve_resume(cfg.run_dir, cfg.resume), cfg.lora.rank)
+        except (OSError, ValueError) as err:
+            fail("resume", str(err))
+
+
+def _preflight_rewards(cfg: RunCfg) -> None:
+    """Each reward's weights directory exists and is not empty; a reward that needs weights is given some."""
+    from reward_servers.registry import REWARDS
+
+    for i, spec in enumerate(cfg.reward.models):
+        needs = REWARDS[spec.name].weights
+        key = f"reward.models.{i}.path"
+        if spec.path is not None:
+            path = Path(spec.path).expanduser()
+            state = "is empty" if path.is_dir() and not any(path.iterdir()) else None
+            state = state if path.is_dir() else "does not exist"
+            if state:
+                raise ConfigError(f"{key}: weights directory {spec.path} {state}; reward {spec.name!r} needs {needs}")
+        elif needs and not spec.options.get("tiny") and spec.name != "digit_prompt":
+            # digit_prompt without a path uses the model directory's own classifier (the embedded digits model)
+            raise ConfigError(f"{key}: reward {spec.name!r} loads its weights from a local directory holding {needs}")
 
 
 def to_yaml(cfg: RunCfg) -> str:

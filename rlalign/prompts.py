@@ -18,6 +18,10 @@ from rlalign.types import PromptBatch
 
 
 def load_prompts(cfg: PromptsCfg, *, eval_split: bool = False) -> list[str]:
+    """The prompt list; ValueError naming the file when it is missing, unreadable or holds no prompt.
+
+    `rlalign.config.preflight` calls this on the driver, so a bad file stops a run before any actor starts.
+    """
     if cfg.source == "digits":
         from rlalign.models.digits import PROMPT_TEMPLATES, digit_prompt
 
@@ -25,10 +29,16 @@ def load_prompts(cfg: PromptsCfg, *, eval_split: bool = False) -> list[str]:
     path = cfg.eval_path if (eval_split and cfg.eval_path) else cfg.path
     if path is None:
         raise ValueError("prompts.source=file needs prompts.path")
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"prompt file {path} cannot be read: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {path} is not UTF-8 text: {err}") from err
+    lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise ValueError(f"prompt file {path} holds no prompts (one per line; '#' lines are comments)")
     return prompts
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,94 @@ def load_lora_into(unet: Any, source: str | Path) -> None:
     for name, p in unet.named_parameters():  # the file may be bf16: keep fp32 master weights
         if "lora_" in name:
             p.data = p.data.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks on the driver, before Ray starts (rlalign.config.preflight): read headers only, never the U-Net
+# ---------------------------------------------------------------------------------------------------------------
+
+# a LoRA tensor's name: peft lora_A/lora_B, diffusers' older lora.down/lora.up, kohya lora_down/lora_up
+_LORA_KEY = re.compile(r"lora[._](?:A|B|down|up)\b")
+_LORA_DOWN = re.compile(r"lora[._](?:A|down)\b")
+_TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers / kohya text-encoder LoRA keys
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} from a .safetensors header; ValueError when it is not one, or truncated.
+
+    safetensors checks that the header's offsets cover the file exactly, so a cut-off download fails here, with no
+    tensor read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a complete .safetensors file (truncated or corrupt): {err}") from err
+
+
+def check_lora_file(source: str | Path, rank: int | None = None) -> Path:
+    """The LoRA file `source` names (file or directory, as `lora_file`), checked without loading any model.
+
+    Raises FileNotFoundError when there is none, ValueError when it is truncated or corrupt, holds no U-Net LoRA
+    tensors (e.g. a full U-Net or a text-encoder-only LoRA), or, with `rank`, adapters of another rank. Whether
+    its modules match the U-Net is checked where the U-Net loads (`load_lora_into`).
+    """
+    path = lora_file(Path(source).expanduser())
+    shapes = safetensors_shapes(path)
+    lora = {k: v for k, v in shapes.items() if _LORA_KEY.search(k) and not k.startswith(_TEXT_ENCODER_PREFIXES)}
+    if not lora:
+        raise ValueError(
+            f"{path} holds no U-Net LoRA tensors (no lora_A/lora_B or lora_down/lora_up keys; keys like "
+            f"{sorted(shapes)[:3]}): not a LoRA, or a text-encoder-only one"
+        )
+    ranks = sorted({v[0] for k, v in lora.items() if _LORA_DOWN.search(k) and v})
+    if rank is not None and ranks and ranks != [rank]:
+        raise ValueError(f"{path} holds LoRA adapters of rank {', '.join(map(str, ranks))}; lora.rank is {rank}")
+    return path
+
+
+def check_checkpoint(path: Path, rank: int | None = None) -> None:
+    """A resume checkpoint is complete and readable: JSON state, LoRA file and optimizer state (no pickle code).
+
+    optimizer.pt is opened with `torch.load(weights_only=True)`, as the learner does, so a checkpoint holding
+    pickled objects is refused here, before any actor starts, and nothing in it runs.
+    """
+    import pickle
+
+    from rlalign.learner import LORA_FILE
+
+    files = ("state.json", "learner.json", LORA_FILE, "optimizer.pt")
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    for name in ("state.json", "learner.json"):
+        try:
+            state = json.loads((path / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"checkpoint {path}: {name} is not valid JSON (truncated or corrupt): {err}") from err
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint {path}: {name} must hold a JSON object, got {type(state).__name__}")
+    try:
+        check_lora_file(path / LORA_FILE, rank)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}") from err
+    try:
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"checkpoint {path}: optimizer.pt holds pickled Python objects besides tensors; refused without running "
+            f"them ({_first_line(err)})"
+        ) from err
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"checkpoint {path}: optimizer.pt is truncated or corrupt: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The useful line of a long library message: torch's unpickler puts its verdict last, behind advice."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line]
+    verdict = [line for line in lines if line.startswith(("WeightsUnpickler error", "Unsupported global"))]
+    line = (verdict or lines or [type(err).__name__])[0]
+    return line.split(" Please use", 1)[0][:300]  # not the advice to allowlist the global

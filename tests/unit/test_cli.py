@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,41 @@ def test_train_startup_lines_show_sizes_and_gpus() -> None:
     head, resources = startup_line(cfg, Path("runs/x")).splitlines()
     assert "algo=tailorpo" in head and "images_per_iteration=64" in head and "gpus" not in head
     assert resources == "asks Ray for 4 CPUs, 2 GPUs (GPUs: samplers 2 x 0.5 + learner 1 + rewards 0)"
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["tailorpo.k=1"], "config error: tailorpo.k: must be >= 2, got 1"),
+        (["learner.lr=-1"], "config error: learner.lr: must be > 0, got -1.0"),
+        (["sampler.num_wrokers=2"], "config error: sampler.num_wrokers: Key 'num_wrokers' not in 'SamplerCfg'"),
+        (["learner.lr=fast"], "config error: learner.lr: Value 'fast' of type 'str' could not be converted"),
+    ],
+)
+def test_bad_value_is_one_line_and_exit_2_before_ray(
+    args: list[str], line: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal must not wrap the message onto a second line
+    assert main(["train", *args]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(line), out
+
+
+def test_empty_prompt_file_stops_train_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # found on the driver by preflight, not after every actor started (no traceback, no Ray)
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    assert main(["train", "prompts.source=file", f"prompts.path={empty}"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        f"config error: prompts.path: prompt file {empty} holds no prompts (one per line; '#' lines are comments)"
+    ]
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_config_check_files_opens_what_train_opens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing_weights = ["reward.models=[{name: aesthetic, path: " + str(tmp_path / "nope") + "}]"]
+    assert main(["config", *missing_weights]) == 0  # values alone are fine
+    capsys.readouterr()
+    assert main(["config", "--check-files", *missing_weights]) == 2
+    assert "config error: reward.models.0.path: weights directory" in capsys.readouterr().out

@@ -128,7 +128,7 @@ def test_wrong_type_names_key_and_file(tmp_path: Path) -> None:
 
 
 def test_bad_override_names_command_line() -> None:
-    with pytest.raises(ConfigError, match=r"command line.*sampler\.eta"):
+    with pytest.raises(ConfigError, match=r"^sampler\.eta: .*\(in command line\)$"):
         load_config(None, ["sampler.eta=high"])
     with pytest.raises(ConfigError, match=r"key\.sub=value"):
         load_config(None, ["sampler.eta"])
@@ -221,3 +221,86 @@ def test_summary_counts_cpus_and_gpus() -> None:
     assert resources_line(cfg) == "asks Ray for 7 CPUs, 5.5 GPUs (GPUs: samplers 4 x 1 + learner 1 + rewards 0.5)"
     demo = summary(load_config())
     assert (demo["cpus"], demo["gpus"]) == (3, 0) and isinstance(demo["gpus"], int)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ("tailorpo.k=1", "tailorpo.k: must be >= 2, got 1"),
+        ("tailorpo.min_std=0", "tailorpo.min_std: must be > 0"),
+        ("tailorpo.guidance_norm=l2", "tailorpo.guidance_norm: must be one of"),
+        ("dde.t_min=500 dde.t_max=100", "dde: need 0 <= t_min <= t_max"),
+        ("diffusion_dpo.t_max=-1", "diffusion_dpo: need 0 <= t_min <= t_max"),
+        ("ncp.layer=up", "ncp.layer: must be mid or down"),
+        ("ddpo.clip_range=0", "ddpo: clip_range and adv_clip_max must be > 0"),
+    ],
+)
+def test_algorithm_section_checks_are_config_errors(overrides: str, message: str) -> None:
+    # the algorithm dataclasses' own __post_init__ checks used to escape load_config as a bare ValueError (a
+    # traceback from the CLI); now they are ConfigErrors `<key>: <why>` like every other check
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides.split())
+    assert str(err.value).startswith(message), str(err.value)
+
+
+# one out-of-range value per section (and per numeric key where a wrong value would only fail inside an actor)
+OUT_OF_RANGE = [
+    ("iterations=-1", "iterations"),
+    ("time_budget_min=-1", "time_budget_min"),
+    ("lora.rank=0", "lora.rank"),
+    ("lora.alpha=0", "lora.alpha"),
+    ("lora.target_modules=[]", "lora.target_modules"),
+    ("sampler.num_workers=0", "sampler.num_workers"),
+    ("sampler.num_cpus=-1", "sampler.num_cpus"),
+    ("sampler.num_gpus=1.5", "sampler.num_gpus"),
+    ("sampler.prompts_per_worker=0", "sampler.prompts_per_worker"),
+    ("sampler.num_steps=0", "sampler.num_steps"),
+    ("sampler.eta=1.5", "sampler.eta"),
+    ("sampler.guidance_scale=-1", "sampler.guidance_scale"),
+    ("sampler.batch_size=0", "sampler.batch_size"),
+    ("sampler.resources={GPU: 1}", "sampler.resources.GPU"),
+    ("sampler.resources={node2: -1}", "sampler.resources.node2"),
+    ("reward.timeout_s=0", "reward.timeout_s"),
+    ("reward.models=[{name: aesthetc}]", "reward.models.0.name"),
+    ("reward.models=[{name: jpeg, weight: .nan}]", "reward.models.0.weight"),
+    ("reward.models=[{name: jpeg, num_gpus: -1}]", "reward.models.0.num_gpus"),
+    ("reward.models=[{name: jpeg, path: /w}]", "reward.models.0.path"),
+    ("reward.models=[{name: http, url: 'ftp://x'}]", "reward.models.0.url"),
+    ("learner.lr=-1", "learner.lr"),
+    ("learner.lr=nan", "learner.lr"),
+    ("learner.weight_decay=-0.1", "learner.weight_decay"),
+    ("learner.adam_eps=0", "learner.adam_eps"),
+    ("learner.max_grad_norm=0", "learner.max_grad_norm"),
+    ("learner.micro_batch_size=0", "learner.micro_batch_size"),
+    ("learner.epochs=0", "learner.epochs"),
+    ("learner.optimizer_steps=0", "learner.optimizer_steps"),
+    ("learner.num_gpus=-1", "learner.num_gpus"),
+    ("ray.max_policy_lag=-1", "ray.max_policy_lag"),
+    ("ray.num_cpus=0", "ray.num_cpus"),
+    ("ray.call_timeout_s=0", "ray.call_timeout_s"),
+    ("ray.pending_actor_timeout_s=-5", "ray.pending_actor_timeout_s"),
+    ("ray.max_actor_restarts=-1", "ray.max_actor_restarts"),
+    ("eval.every=-1", "eval.every"),
+    ("eval.images_per_prompt=0", "eval.images_per_prompt"),
+    ("log.save_every=-1", "log.save_every"),
+    ("log.keep_last=-1", "log.keep_last"),
+    ("tailorpo.beta=0", "tailorpo.beta"),
+    ("tailorpo.ratio_clip_eps=0", "tailorpo.ratio_clip_eps"),
+    ("dde.beta=-1", "dde.beta"),
+    ("diffusion_dpo.beta=0", "diffusion_dpo.beta"),
+    ("ncp.beta=0", "ncp.beta"),
+    ("ddpo.min_std=-1", "ddpo.min_std"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_out_of_range_values_are_config_errors_naming_the_key(override: str, key: str) -> None:
+    # e.g. learner.lr=-1 used to surface as "learner placement actor died: ValueError: Invalid learning rate"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(f"{key}: "), str(err.value)
+
+
+def test_pending_actor_timeout_has_a_default_of_a_minute() -> None:
+    assert RunCfg().ray.pending_actor_timeout_s == 60.0
+    assert load_config(None, ["ray.pending_actor_timeout_s=5"]).ray.pending_actor_timeout_s == 5.0
