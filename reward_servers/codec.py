@@ -4,8 +4,11 @@ Binary: `application/x-npz`, an uncompressed `np.savez` archive (a zip of .npy f
 ([B, H, W, 3]) and `prompts` ([B] unicode); answers of /score_and_grad come back the same way (`scores`, `grads`).
 Every member's .npy header (dtype, shape) is read and checked before any array is allocated, object dtypes are
 refused and `np.load(allow_pickle=False)` reads the data, so a request can neither run code nor make the server
-allocate more than the declared body size (zip bombs: the uncompressed sizes are checked first).
-JSON: `application/json` `{"prompts": [...], "images_png": [base64 PNG, ...]}` for uint8 /score requests.
+allocate more than the declared body size (zip bombs: the uncompressed sizes are checked first; a zero-size dtype
+such as `<U0` counts one byte per element, so a header cannot declare a billion empty prompts).
+JSON: `application/json` `{"prompts": [...], "images_png": [base64 PNG, ...]}` for uint8 /score requests; PNG
+only, at most `max_images` images and `max_pixels` pixels in all, both checked from the PNG headers before any
+image is decoded (a small PNG can declare a huge canvas).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import zipfile
 from collections.abc import Iterable
 
@@ -64,7 +68,7 @@ def decode_npz(body: bytes, required: Iterable[str], max_bytes: int) -> dict[str
                 shape, _, dtype = _HEADER_READERS[version](f)  # header only, nothing allocated yet
                 if dtype.hasobject:
                     raise PayloadError(422, f"member {name!r}: object dtype refused (no pickle)")
-                if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > info.file_size:
+                if math.prod(shape) * max(dtype.itemsize, 1) > info.file_size:  # exact ints: no int64 overflow
                     raise PayloadError(400, f"member {name!r}: header declares more data than it holds")
             with zf.open(info) as f:
                 out[name] = np.load(f, allow_pickle=False)
@@ -82,8 +86,11 @@ def encode_png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_json_images(body: bytes, max_pixels: int) -> tuple[np.ndarray, list[str]]:
-    """JSON {"prompts", "images_png"} -> ([B, H, W, 3] uint8, prompts); all images must share one size."""
+def decode_json_images(body: bytes, max_pixels: int, max_images: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """JSON {"prompts", "images_png"} -> ([B, H, W, 3] uint8, prompts); all images must share one size.
+
+    413 when there are more than `max_images` images or more than `max_pixels` pixels in all (from the headers).
+    """
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,17 +100,24 @@ def decode_json_images(body: bytes, max_pixels: int) -> tuple[np.ndarray, list[s
     prompts, encoded = obj["prompts"], obj["images_png"]
     if not all(isinstance(p, str) for p in prompts):
         raise PayloadError(422, "prompts must be strings")
-    images = []
-    for i, s in enumerate(encoded):
+    if max_images is not None and len(encoded) > max_images:
+        raise PayloadError(413, f"batch of {len(encoded)} images is over max_batch={max_images}")
+    opened, pixels = [], 0
+    for i, s in enumerate(encoded):  # headers first: nothing is decoded until the whole batch fits
         try:
-            im = Image.open(io.BytesIO(base64.b64decode(s, validate=True)))
-            if im.width * im.height > max_pixels:  # checked from the header, before decoding the pixels
-                raise PayloadError(413, f"image {i} is {im.width}x{im.height}, over the size limit")
-            images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-        except PayloadError:
-            raise
+            im = Image.open(io.BytesIO(base64.b64decode(s, validate=True)), formats=["PNG"])
         except (binascii.Error, TypeError, ValueError, OSError, Image.DecompressionBombError) as e:
             raise PayloadError(400, f"images_png[{i}] is not a base64 PNG: {e}") from e
+        pixels += im.width * im.height
+        if pixels > max_pixels:
+            raise PayloadError(413, f"images_png[:{i + 1}] hold {pixels} pixels, over the limit of {max_pixels}")
+        opened.append(im)
+    images = []
+    for i, im in enumerate(opened):
+        try:
+            images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as e:  # corrupt pixel data
+            raise PayloadError(400, f"images_png[{i}] is not a valid PNG: {e}") from e
     if len({im.shape for im in images}) > 1:
         raise PayloadError(422, f"all images must share one size, got {sorted({im.shape for im in images})}")
     batch = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)

@@ -36,6 +36,7 @@ import numpy as np
 # Module level, not inside make_app: FastAPI resolves the (postponed) `Request` annotations in module globals.
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from reward_servers import __version__
 from reward_servers.base import RewardModel, check_images
@@ -189,7 +190,7 @@ def make_app(
         else:
             if dtype is not np.uint8:
                 raise PayloadError(415, f"/score_and_grad takes float32 images as {NPZ} only")
-            images, prompts = decode_json_images(body, max_pixels=max_bytes // 3)
+            images, prompts = decode_json_images(body, max_pixels=max_bytes // 3, max_images=max_batch)
         if images.ndim == 4 and len(images) > max_batch:
             raise PayloadError(413, f"batch of {len(images)} images is over max_batch={max_batch}")
         try:
@@ -198,6 +199,10 @@ def make_app(
             raise PayloadError(422, str(e)) from e
         if len(images) == 0:
             raise PayloadError(422, "empty batch")
+        if 0 in images.shape[1:3]:  # a 0-pixel image has no score (a model's mean over it is NaN)
+            raise PayloadError(422, f"images must be at least 1x1, got shape {tuple(images.shape)}")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise PayloadError(422, "float images hold NaN or infinity")
         return images, prompts, ctype
 
     async def handle(request: Request, kind: str) -> Response:
@@ -209,6 +214,8 @@ def make_app(
             images, prompts, _ = await parse(request, np.uint8 if kind == "score" else np.float32)
         except PayloadError as e:
             return error(e.status, str(e))
+        except ClientDisconnect:  # the client left mid-body: nobody reads this, and it is no server error
+            return error(400, "client disconnected before sending the whole body")
         try:
             result = await batcher.submit(kind, images, prompts)
         except ValueError as e:  # the model refused this input (e.g. too small for its preprocessing)
