@@ -202,6 +202,7 @@ def test_checkpoint_without_state_or_adapter_is_found_before_ray(tmp_path: Path)
         (LORA_FILE, "is not a complete .safetensors file (truncated or corrupt)"),
         ("optimizer.pt", "optimizer.pt is truncated or corrupt"),
     ],
+    ids=["state.json", "learner.json", "adapter", "optimizer.pt"],
 )
 def test_truncated_checkpoint_file_is_found_before_ray(tmp_path: Path, name: str, message: str) -> None:
     ckpt = write_checkpoint(tmp_path / "iter_000003")

@@ -68,6 +68,7 @@ def test_train_startup_lines_show_sizes_and_gpus() -> None:
         (["sampler.num_wrokers=2"], "config error: sampler.num_wrokers: Key 'num_wrokers' not in 'SamplerCfg'"),
         (["learner.lr=fast"], "config error: learner.lr: Value 'fast' of type 'str' could not be converted"),
     ],
+    ids=["k-below-2", "negative-lr", "unknown-key", "wrong-type"],
 )
 def test_bad_value_is_one_line_and_exit_2_before_ray(
     args: list[str], line: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

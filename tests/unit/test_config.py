@@ -245,6 +245,9 @@ def test_algorithm_section_checks_are_config_errors(overrides: str, message: str
 
 # one out-of-range value per section (and per numeric key where a wrong value would only fail inside an actor)
 OUT_OF_RANGE = [
+    ("model.kind=sd3", "model.kind"),
+    ("model.attention=flash", "model.attention"),
+    ("prompts.source=web", "prompts.source"),
     ("iterations=-1", "iterations"),
     ("time_budget_min=-1", "time_budget_min"),
     ("lora.rank=0", "lora.rank"),
@@ -266,6 +269,8 @@ OUT_OF_RANGE = [
     ("reward.models=[{name: jpeg, num_gpus: -1}]", "reward.models.0.num_gpus"),
     ("reward.models=[{name: jpeg, path: /w}]", "reward.models.0.path"),
     ("reward.models=[{name: http, url: 'ftp://x'}]", "reward.models.0.url"),
+    ("reward.models=[{name: http}]", "reward.models.0.url"),
+    ("lora.init_from=/no/such/lora", "lora.init_from"),
     ("learner.lr=-1", "learner.lr"),
     ("learner.lr=nan", "learner.lr"),
     ("learner.weight_decay=-0.1", "learner.weight_decay"),
