@@ -218,6 +218,26 @@ class WinnerFirstProbe:
         return x.float()
 
 
+class ZeroDataOracle:
+    """Stand-in DiffusionModel for data x0 = 0 (x_t = sqrt(1 - abar) noise): the policy outputs the exact
+    regression target of the scheduler's prediction type (noise, or v = sqrt(abar) noise), the reference 0;
+    E is the identity."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).double()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, adapters: bool = True) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = x_t.double() / (1 - abar).sqrt()
+        v = self.scheduler.config.prediction_type == "v_prediction"
+        out = abar.sqrt() * noise if v else noise
+        return out.float() if adapters else torch.zeros_like(x_t, dtype=torch.float32)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
 def winner_first_batch(batch: Any) -> Any:
     """The same batch with winner x0 = 0 and loser x0 = 10."""
     return batch._replace(x0_w=torch.zeros_like(batch.x0_w), x0_l=torch.full_like(batch.x0_l, 10.0))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_lora
 
 from rlalign.config import LoraCfg, ModelCfg, RunCfg, SamplerCfg
 from rlalign.interop import load_pipeline_with_lora, render_with_diffusers
@@ -32,11 +33,7 @@ def test_stock_pipeline_with_exported_lora_renders_our_images(
     lora = LoraCfg(rank=4, alpha=8.0, target_modules=TARGETS)
     model = ModelCfg(path=str(model_dir))
     learner = Learner(replace(RunCfg(), lora=lora, model=model), functools.partial(load_parts, model, lora, 6))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n, p in learner.parts.unet.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(learner.model, scale=0.1, seed=2)
     learner.save(tmp_path / "ckpt")
 
     sampler_cfg = SamplerCfg(num_steps=6, eta=1.0, guidance_scale=3.0)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import randomize_lora
 
 from rlalign.config import LoraCfg, ModelCfg, RunCfg
 from rlalign.learner import Learner
@@ -38,11 +39,7 @@ def make_learner(model_dir: Path, lora: LoraCfg) -> Learner:
 
 def train_lora(learner: Learner, seed: int = 3) -> None:
     """Stand-in for training: every LoRA B gets a random value (the export must carry any values exactly)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in learner.parts.unet.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_lora(learner.model, scale=0.2, seed=seed)
 
 
 def unet_inputs(parts: Any, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

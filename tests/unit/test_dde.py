@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import adam_step, make_model, make_scheduler, make_scored, microbatch_mean, randomize_lora, run_algo
+from conftest import (
+    ZeroDataOracle,
+    adam_step,
+    make_model,
+    make_scheduler,
+    make_scored,
+    microbatch_mean,
+    randomize_lora,
+    run_algo,
+)
 
 from rlalign.algos import get_algorithm
 from rlalign.algos.dde import (
@@ -228,22 +237,6 @@ def test_stepwise_weight_follows_the_samplers_step_count(steps: int) -> None:
     mean = sum(lam.values()) / len(lam)  # mean 1 over the sampler's grid
     expected = torch.tensor([lam[int(t)] / mean for t in b.t], dtype=torch.float64)
     torch.testing.assert_close(w, expected, rtol=1e-6, atol=0)
-
-
-class ZeroDataOracle:
-    """Stand-in DiffusionModel for data x0 = 0 (x_t = sqrt(1 - abar) noise): the policy outputs the exact
-    regression target of the scheduler's prediction type (noise, or v = sqrt(abar) noise), the reference 0."""
-
-    def __init__(self, scheduler) -> None:
-        self.scheduler = scheduler
-        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).double()
-
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, adapters: bool = True):
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noise = x_t.double() / (1 - abar).sqrt()
-        v = self.scheduler.config.prediction_type == "v_prediction"
-        out = abar.sqrt() * noise if v else noise
-        return out.float() if adapters else torch.zeros_like(x_t, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import adam_step, lora_params, make_model, make_scored, microbatch_mean, randomize_lora, run_algo
+from conftest import (
+    ZeroDataOracle,
+    adam_step,
+    lora_params,
+    make_model,
+    make_scored,
+    microbatch_mean,
+    randomize_lora,
+    run_algo,
+)
 
 from rlalign.algos import get_algorithm
 from rlalign.algos.ncp import (
@@ -156,26 +165,6 @@ def test_forward_keeps_winner_and_loser_halves_apart(tiny_scheduler, algo) -> No
     batch = winner_first_batch(_batch(cfg))
     fwd = algo.forward(WinnerFirstProbe(tiny_scheduler), batch, cfg)
     assert torch.all(fwd.d_pol_w < fwd.d_pol_l)
-
-
-class ZeroDataOracle:
-    """Stand-in DiffusionModel for data x0 = 0 (x_t = sqrt(1 - abar) noise): the policy outputs the exact
-    regression target of the scheduler's prediction type (noise, or v = sqrt(abar) noise), the reference 0;
-    E is the identity."""
-
-    def __init__(self, scheduler) -> None:
-        self.scheduler = scheduler
-        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).double()
-
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, adapters: bool = True):
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noise = x_t.double() / (1 - abar).sqrt()
-        v = self.scheduler.config.prediction_type == "v_prediction"
-        out = abar.sqrt() * noise if v else noise
-        return out.float() if adapters else torch.zeros_like(x_t, dtype=torch.float32)
-
-    def embed(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return x.float()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
