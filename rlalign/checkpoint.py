@@ -9,7 +9,9 @@
     runs/<name>/ckpt/latest         text file naming the newest complete checkpoint
 
 A checkpoint is written into `iter_XXXXXX.tmp` and renamed when complete, and `latest` is replaced atomically,
-so an interrupted save never leaves a broken `latest`. Rotation deletes only older complete checkpoints.
+so an interrupted save never leaves a broken `latest`. Every file and directory is fsynced before the rename that
+makes it visible (the learner syncs what it wrote, `commit` the rest), so a crash or power loss right after the
+rename cannot expose a renamed-but-empty file. Rotation deletes only older complete checkpoints.
 """
 
 from __future__ import annotations
@@ -41,19 +43,50 @@ def staging_dir(run_dir: Path, iteration: int) -> Path:
     return path
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under `path` (and `path`): their bytes and names are on disk."""
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def commit(
     run_dir: Path, staged: Path, iteration: int, state: dict[str, Any], config_yaml: str, keep_last: int
 ) -> Path:
-    """Write state.json + config.yaml, rename the staged dir into place, point `latest` at it, rotate."""
-    (staged / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    (staged / "config.yaml").write_text(config_yaml)
-    final = checkpoint_root(run_dir) / checkpoint_name(iteration)
+    """Write state.json + config.yaml, rename the staged dir into place, point `latest` at it, rotate.
+
+    The learner has fsynced its files; state.json (the marker `list_checkpoints` and `resolve_resume` look for)
+    is written last, then the directory is synced, renamed, and `latest` replaced, each step synced first.
+    """
+    root = checkpoint_root(run_dir)
+    _write_synced(staged / "config.yaml", config_yaml)
+    _write_synced(staged / "state.json", json.dumps(state, indent=2, sort_keys=True))
+    _fsync(staged)
+    final = root / checkpoint_name(iteration)
     if final.exists():
         shutil.rmtree(final)
     staged.rename(final)
-    tmp = checkpoint_root(run_dir) / (LATEST + ".tmp")
-    tmp.write_text(final.name + "\n")
-    os.replace(tmp, checkpoint_root(run_dir) / LATEST)
+    _fsync(root)
+    tmp = root / (LATEST + ".tmp")
+    _write_synced(tmp, final.name + "\n")
+    os.replace(tmp, root / LATEST)
+    _fsync(root)
     rotate(run_dir, keep_last, protect=final)
     return final
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from rlalign.algos import get_algorithm
 from rlalign.algos.common import num_rows, slice_rows
+from rlalign.checkpoint import fsync_tree
 from rlalign.config import RunCfg
 from rlalign.models.denoiser import UNetDenoiser
 from rlalign.models.loading import DiffusionParts, lora_metadata, save_diffusers_lora, save_peft_lora
@@ -172,6 +173,7 @@ class Learner:
         state = {"version": self.version, "updates": self.updates}
         state.update(extra_state or {})
         (out / "learner.json").write_text(json.dumps(state, indent=2))
+        fsync_tree(out)  # on disk before the driver's rename makes the checkpoint visible (rlalign/checkpoint.py)
         return out
 
     def load(self, directory: str | Path) -> int:
