@@ -3,6 +3,12 @@
 Each role is wrapped once (`SamplerActor = ray.remote(Sampler)`); resources come from the config at spawn time
 through `.options()`. Factories (`functools.partial(load_parts, ...)`) are small to pickle and run inside the
 owning actor, so weights load where they are used.
+
+Faults (README "Ray clusters"): a reward actor is restarted by Ray (`max_restarts`) and every call that died with
+it is sent again by its caller (`RayPending`); scoring is a pure function of the images and prompts, so the retry
+returns what the lost call would have. A sampler is replaced by `SamplerPool`, which re-runs the calls the dead
+one had not finished, in order, after loading the LoRA version each call was first sent with: a retried rollout
+is the same rollout (same prompts, seeds and weights). The learner is not restarted: its death ends the run.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ from reward_servers.base import RewardServer
 from rlalign.config import RewardSpec, RunCfg
 from rlalign.learner import Learner
 from rlalign.models.loading import load_parts
+from rlalign.resources import RoleAsk, describe, role_asks
 from rlalign.rewards import RewardSet
 from rlalign.sampling.sampler import BranchCfg, Sampler
 
@@ -34,24 +41,48 @@ RewardActor = ray.remote(RewardServer)
 
 
 class RayPending:
-    def __init__(self, ref: ray.ObjectRef) -> None:
-        self.ref = ref
+    """A reward call that is sent again, once, when its actor dies.
+
+    The first send has no Ray retries, so a death surfaces here and is counted; the resend asks Ray to retry it
+    (`max_task_retries=-1`), so it waits while the actor restarts and runs on the restarted one. It fails only when
+    the actor is dead for good: restarted `ray.max_actor_restarts` times already.
+    """
+
+    def __init__(self, handle: RayRewardHandle, send: Callable[[int], ray.ObjectRef]) -> None:
+        self.handle, self.send = handle, send
+        self.ref = send(0)
 
     def result(self, timeout: float | None = None) -> Any:
-        return ray.get(self.ref, timeout=timeout)
+        try:
+            return ray.get(self.ref, timeout=timeout)
+        except ray.exceptions.RayActorError:
+            self.handle.retries += 1
+            self.ref = self.send(-1)
+        try:
+            return ray.get(self.ref, timeout=timeout)
+        except ray.exceptions.RayActorError as err:
+            raise ActorFailure(
+                f"reward actor {self.handle.name!r} died and was not restarted: ray.max_actor_restarts="
+                f"{self.handle.max_restarts} restarts are used up (its node keeps failing): {_root_cause(err)}"
+            ) from err
 
 
 class RayRewardHandle:
-    """A reward actor seen through the `RewardHandle` protocol (picklable: it travels into sampler actors)."""
+    """A reward actor seen through the `RewardHandle` protocol (picklable: it travels into sampler actors).
 
-    def __init__(self, name: str, actor: Any, differentiable: bool) -> None:
+    `retries` counts calls this copy of the handle sent again after a death (the driver's copy: the driver's calls).
+    """
+
+    def __init__(self, name: str, actor: Any, differentiable: bool, max_restarts: int = 0) -> None:
         self.name, self.actor, self.differentiable = name, actor, differentiable
+        self.max_restarts, self.retries = max_restarts, 0
 
     def submit(self, images: np.ndarray, prompts: list[str]) -> RayPending:
-        return RayPending(self.actor.score.remote(images, prompts))
+        return RayPending(self, lambda r: self.actor.score.options(max_task_retries=r).remote(images, prompts))
 
     def submit_grad(self, images: np.ndarray, prompts: list[str]) -> RayPending:
-        return RayPending(self.actor.score_and_grad.remote(images, prompts))
+        score_and_grad = self.actor.score_and_grad
+        return RayPending(self, lambda r: score_and_grad.options(max_task_retries=r).remote(images, prompts))
 
 
 def reward_device(spec: RewardSpec) -> str:
@@ -83,9 +114,110 @@ def make_reward_model(spec: RewardSpec, model_dir: str | None) -> Any:
     return make_reward(spec.name, path=path, **options)
 
 
+@dataclass(eq=False)
+class SamplerCall:
+    """One call sent to a sampler slot. `ref` is replaced when the call is re-run on a replacement actor."""
+
+    slot: int
+    send: Callable[[Any], ray.ObjectRef]  # actor -> ref, e.g. lambda a: a.generate.remote(batch)
+    weights: Any  # ref of the WeightsUpdate the slot holds when this call runs (None: as spawned)
+    loads: Any = None  # load_weights calls: the WeightsUpdate ref it installs
+    request: bool = False  # a rollout request: counted in `retries` when re-run
+    ref: Any = None
+
+
+class SamplerPool:
+    """Sampler actors whose deaths cost a retried request, not the run.
+
+    A sampler's only state is the LoRA version it holds, and its rollouts depend only on (prompts, seeds, weights)
+    (rlalign/sampling/sampler.py). So when a call fails because its actor died, the pool spawns a replacement in
+    the same slot (same resources and placement bundle), loads the weights each unfinished call was sent with, and
+    re-runs those calls in their original order; their `ref`s now point at the replacement. `get` returns exactly
+    what the dead actor would have returned. A slot that dies more than `max_restarts` times ends the run.
+    """
+
+    def __init__(self, spawn: Callable[[int], Any], size: int, max_restarts: int, timeout_s: float) -> None:
+        self.spawn, self.max_restarts, self.timeout_s = spawn, max_restarts, timeout_s
+        self.actors = [spawn(i) for i in range(size)]
+        self.deaths = [0] * size
+        self.restarts = 0  # replacement actors spawned
+        self.retries = 0  # rollout requests re-run on a replacement
+        self._held: list[Any] = [None] * size  # WeightsUpdate ref of the newest load sent to each slot
+        self._open: list[list[SamplerCall]] = [[] for _ in range(size)]  # sent, result not yet fetched
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.actors)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.actors[i]
+
+    def generate(self, batches: Sequence[Any], **kwargs: Any) -> list[SamplerCall]:
+        """One `generate(batch)` per slot (batches[i] -> slot i)."""
+        return [
+            self._send(i, lambda a, b=b: a.generate.remote(b, **kwargs), request=True) for i, b in enumerate(batches)
+        ]
+
+    def load(self, weights: Any) -> list[SamplerCall]:
+        """`load_weights(weights)` on every slot; `weights` is one object ref, read by all."""
+        return [self._send(i, lambda a: a.load_weights.remote(weights), loads=weights) for i in range(len(self))]
+
+    def _send(self, i: int, send: Callable[[Any], ray.ObjectRef], *, loads: Any = None, request: bool = False) -> Any:
+        call = SamplerCall(i, send, self._held[i], loads, request)
+        call.ref = send(self.actors[i])
+        self._open[i].append(call)
+        if loads is not None:
+            self._held[i] = loads
+        return call
+
+    def get(self, calls: Sequence[SamplerCall], role: str) -> list[Any]:
+        """Results in order; a call whose actor died is re-run on a replacement (see the class docstring)."""
+        out = []
+        for call in calls:
+            while True:
+                try:
+                    value = gather([call.ref], self.timeout_s, role, pass_deaths=True)[0]
+                    break
+                except ray.exceptions.RayActorError as err:
+                    self._replace(call.slot, err)
+            self._open[call.slot].remove(call)
+            out.append(value)
+        return out
+
+    def _replace(self, i: int, err: BaseException) -> None:
+        """Spawn slot i's replacement, bring it to the weights of its first unfinished call, re-send the calls."""
+        while True:
+            self.deaths[i] += 1
+            if self.deaths[i] > self.max_restarts:
+                raise ActorFailure(
+                    f"sampler {i} died {self.deaths[i]} times, more than ray.max_actor_restarts={self.max_restarts} "
+                    f"allows (its node keeps failing): {_root_cause(err)}"
+                ) from err
+            with contextlib.suppress(Exception):  # already dead: nothing left to stop
+                ray.kill(self.actors[i])
+            actor = self.actors[i] = self.spawn(i)
+            self.restarts += 1
+            try:
+                held, loads = None, []
+                for call in self._open[i]:
+                    if call.loads is None and call.weights is not held:
+                        loads.append(actor.load_weights.remote(call.weights))
+                        held = call.weights
+                    call.ref = call.send(actor)
+                    held = call.loads if call.loads is not None else held
+                    self.retries += call.request
+                # the replacement holds its first call's weights before it serves (the calls queue behind this)
+                gather(loads[:1], self.timeout_s, f"sampler {i} (replacement)", pass_deaths=True)
+                return
+            except ray.exceptions.RayActorError as again:
+                err = again
+
+
 @dataclass
 class Workers:
-    samplers: list[Any]
+    samplers: SamplerPool
     learner: Any
     reward_actors: list[Any]
     rewards: RewardSet
@@ -101,15 +233,24 @@ class Workers:
 
 def spawn_rewards(cfg: RunCfg, model_dir: str | None) -> tuple[RewardSet, list[Any]]:
     actors = [
-        RewardActor.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_concurrency=1).remote(
-            functools.partial(make_reward_model, spec, model_dir)
-        )
+        RewardActor.options(
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus,
+            max_concurrency=1,
+            max_restarts=cfg.ray.max_actor_restarts,  # Ray restarts it; RayPending sends the lost call again
+        ).remote(functools.partial(make_reward_model, spec, model_dir))
         for spec in cfg.reward.models
     ]
+    asks = [a for a in role_asks(cfg) if a.role == "rewards"]
+    for actor, ask in zip(actors, asks):
+        wait_placed([actor], ask, cfg.ray.pending_actor_timeout_s)
     # one round-trip each: surfaces a bad weights dir now, with the model's own error message
     infos = gather([a.info.remote() for a in actors], cfg.ray.call_timeout_s, "reward actor start-up")
     names = RewardSet.component_names(list(cfg.reward.models))
-    handles = [RayRewardHandle(n, a, bool(i["differentiable"])) for n, a, i in zip(names, actors, infos)]
+    handles = [
+        RayRewardHandle(n, a, bool(i["differentiable"]), cfg.ray.max_actor_restarts)
+        for n, a, i in zip(names, actors, infos)
+    ]
     reward_set = RewardSet(list(cfg.reward.models), handles, timeout_s=cfg.reward.timeout_s)
     return reward_set, actors
 
@@ -133,7 +274,7 @@ def branch_cfg(cfg: RunCfg) -> BranchCfg | None:
     )
 
 
-def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[list[Any], list[PlacementGroup]]:
+def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[SamplerPool, list[PlacementGroup]]:
     s = cfg.sampler
     model = replace(cfg.model, path=model_dir)
     make_parts = functools.partial(
@@ -151,13 +292,13 @@ def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[lis
             for i in range(s.num_workers)
         ]
     branch = branch_cfg(cfg)
-    samplers = [
-        SamplerActor.options(
+
+    def spawn(i: int) -> Any:  # also spawns replacements: same resources, same placement bundle
+        return SamplerActor.options(
             num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=dict(s.resources) or None, **options[i]
         ).remote(s, make_parts, branch=branch, scorer=rewards if branch else None, worker_index=i)
-        for i in range(s.num_workers)
-    ]
-    return samplers, pgs
+
+    return SamplerPool(spawn, s.num_workers, cfg.ray.max_actor_restarts, cfg.ray.call_timeout_s), pgs
 
 
 def spawn_learner(cfg: RunCfg, model_dir: str) -> Any:
@@ -175,7 +316,35 @@ def spawn_workers(cfg: RunCfg, model_dir: str) -> Workers:
     rewards, reward_actors = spawn_rewards(cfg, model_dir)
     samplers, pgs = spawn_samplers(cfg, model_dir, rewards)
     learner = spawn_learner(cfg, model_dir)
-    return Workers(samplers, learner, reward_actors, rewards, pgs)
+    workers = Workers(samplers, learner, reward_actors, rewards, pgs)
+    asks = {a.role: a for a in role_asks(cfg)}
+    try:
+        wait_placed(list(samplers), asks["samplers"], cfg.ray.pending_actor_timeout_s)
+        wait_placed([learner], asks["learner"], cfg.ray.pending_actor_timeout_s)
+    except ActorFailure:
+        workers.kill()
+        raise
+    return workers
+
+
+def wait_placed(actors: Sequence[Any], ask: RoleAsk, timeout_s: float) -> None:
+    """Wait until the actors have a node; one still unplaced after `timeout_s` ends the run, saying what its role
+    asks and what the cluster has free. Placed actors may go on loading weights (ray.call_timeout_s bounds that)."""
+    waiting = [a.__ray_ready__.remote() for a in actors]
+    _ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=timeout_s)
+    from ray._private import state  # the GCS table: the public state API needs the dashboard
+
+    unplaced = 0
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            info = state.actors(actor._actor_id.hex())
+            unplaced += info["State"] in ("DEPENDENCIES_UNREADY", "PENDING_CREATION") and not info["Pid"]
+    if waiting and unplaced:
+        free = ", ".join(f"{k} {v:g}" for k, v in sorted(ray.available_resources().items()) if "node:" not in k)
+        raise ActorFailure(
+            f"{unplaced} {ask.role} actor(s) still waiting for a node after {timeout_s:.0f} s "
+            f"(ray.pending_actor_timeout_s): {describe(ask)}; free in the cluster now: {free or 'nothing'}"
+        )
 
 
 def init_ray(cfg: RunCfg) -> bool:
@@ -205,13 +374,18 @@ def init_ray(cfg: RunCfg) -> bool:
     return True
 
 
-def gather(refs: Sequence[Any], timeout_s: float, role: str) -> list[Any]:
-    """ray.get with a timeout and an error that names the role (dead actor, hung call, exception inside)."""
+def gather(refs: Sequence[Any], timeout_s: float, role: str, *, pass_deaths: bool = False) -> list[Any]:
+    """ray.get with a timeout and an error that names the role (dead actor, hung call, exception inside).
+
+    pass_deaths: let RayActorError through (the caller replaces the actor and re-runs the call).
+    """
     try:
         return list(ray.get(list(refs), timeout=timeout_s))
     except ray.exceptions.GetTimeoutError as err:
         raise ActorFailure(f"{role} did not answer within {timeout_s:.0f} s (ray.call_timeout_s)") from err
     except ray.exceptions.RayActorError as err:
+        if pass_deaths:
+            raise
         raise ActorFailure(f"{role} actor died: {_root_cause(err)}") from err
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
@@ -227,6 +401,18 @@ def _root_cause(err: BaseException) -> str:
     lines = [_ANSI.sub("", line) for line in str(err).splitlines()]
     causes = [line.strip() for line in lines if _EXC_LINE.match(line)]
     return causes[-1] if causes else (lines[0] if lines else type(err).__name__)
+
+
+def restarts_of(actors: Sequence[Any]) -> int:
+    """Restarts Ray made of these actors, read from the GCS actor table (the public state API needs the dashboard,
+    which is off by default); an actor Ray cannot report on (e.g. through a ray:// client) counts 0."""
+    from ray._private import state
+
+    total = 0
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            total += int(state.actors(actor._actor_id.hex())["NumRestarts"])
+    return total
 
 
 def _node_of(_actor: Any) -> str:

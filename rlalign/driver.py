@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rlalign import checkpoint as ckpt
-from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, spawn_workers
+from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, restarts_of, spawn_workers
 from rlalign.config import RunCfg, resources_line, save_config, summary, to_yaml
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
 from rlalign.models.loading import resolve_model_dir
 from rlalign.prompts import PromptSource, PromptSourceState, eval_batches
+from rlalign.resources import missing_resources
+from rlalign.rewards import RewardError
 from rlalign.types import Rollout, concat_rollouts
 
 
@@ -60,6 +64,10 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
     run_dir = prepare_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
     console.print(startup_line(cfg, run_dir))
+    if cfg.resume is not None:
+        resumed = ckpt.read_state(ckpt.resolve_resume(cfg.run_dir, cfg.resume))["iteration"]
+        if dropped := drop_rows_after(run_dir / "metrics.jsonl", int(resumed)):
+            console.print(f"{dropped} metrics rows after iteration {resumed} moved to metrics_discarded.jsonl")
     model_dir = str(resolve_model_dir(cfg.model, progress=True))
     started = init_ray(cfg)
     workers: Workers | None = None
@@ -71,6 +79,9 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
         config=json.loads(json.dumps(_plain(cfg))),
     )
     try:
+        missing = missing_resources(cfg, ray.cluster_resources())
+        if missing:
+            raise ActorFailure("the cluster cannot hold this run's actors: " + "; ".join(missing))
         workers = spawn_workers(cfg, model_dir)
         nodes = placement(workers, cfg.ray.call_timeout_s)
         (run_dir / "placement.json").write_text(json.dumps(nodes, indent=2))
@@ -89,6 +100,30 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
             ray.shutdown()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What a stopped run prints last: its newest complete checkpoint and the exact command that resumes it."""
+    try:
+        path = ckpt.resolve_resume(run_dir, ckpt.LATEST)
+    except FileNotFoundError:
+        return f"no checkpoint was completed in {run_dir}: the run has to start again"
+    cmd = ["rlalign", "train", str(run_dir / "config.yaml"), f"out_dir={run_dir.parent}", f"name={run_dir.name}"]
+    return f"the last complete checkpoint is {path}; resume with:\n  {shlex.join([*cmd, 'resume=latest'])}"
+
+
+def drop_rows_after(metrics_path: Path, iteration: int) -> int:
+    """On resume: move metrics.jsonl rows logged after the resumed checkpoint's iteration (work that checkpoint
+    does not hold, done again now) to metrics_discarded.jsonl, so no iteration appears twice. Returns the count."""
+    rows = read_metrics(metrics_path)
+    later = [r for r in rows if r["iteration"] > iteration]
+    if later:
+        with (metrics_path.parent / "metrics_discarded.jsonl").open("a") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in later)
+        tmp = metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows if r["iteration"] <= iteration))
+        os.replace(tmp, metrics_path)
+    return len(later)
 
 
 def startup_line(cfg: RunCfg, run_dir: Path) -> str:
@@ -121,6 +156,13 @@ class Loop:
         self.version = 0  # learner's weights version, as last reported
         self.sampler_version = 0
         self.last_ckpt: Path | None = None
+        # what a checkpoint may hold: the state after the last completed iteration, never work in flight
+        self._drawn: list[PromptSourceState] = []  # prompt cursor after each batch sent out and not yet trained on
+        self._trained = PromptSourceState()  # prompt cursor after the last batch trained on
+        self._done: tuple[int, int, dict[str, Any]] = (-1, 0, {})  # (iteration, weights version, reward stats)
+        self._weights: list[Any] = []  # WeightsUpdate refs of the last two broadcasts
+        self._resume_sampler_weights: Any = None  # async resume: the LoRA the next in-flight batch was rendered with
+        self._launched: list[Any] | None = None  # async resume: that batch, already sent
 
     # ------------------------------------------------------------------ set-up
     def _resume(self) -> None:
@@ -132,13 +174,16 @@ class Loop:
         self.prompts.state = PromptSourceState(**state["prompts"])
         self.w.rewards.load_state_dict(state.get("reward_stats", {}))
         self.start_iter = int(state["iteration"]) + 1
+        if self._overlaps() and (path / SAMPLER_LORA).is_file():
+            self._resume_sampler_weights = _read_weights(path / SAMPLER_LORA)
         self.console.print(f"resumed from {path} (iteration {state['iteration']}, weights v{self.version})")
 
     def _broadcast(self) -> None:
         """One object-store copy of the learner's LoRA, read by every sampler; all must confirm the version."""
         t0 = time.perf_counter()
         ref = self.w.learner.export_weights.remote()
-        versions = gather([s.load_weights.remote(ref) for s in self.w.samplers], self.timeout, "sampler weight load")
+        self._weights = [*self._weights[-1:], ref]
+        versions = self.w.samplers.get(self.w.samplers.load(ref), "sampler weight load")
         if len(set(versions)) != 1:
             raise ActorFailure(f"samplers hold different weight versions after a broadcast: {versions}")
         self.sampler_version = versions[0]
@@ -149,11 +194,7 @@ class Loop:
     def evaluate(self, iteration: int, tag: str) -> dict[str, float]:
         cfg = self.cfg
         batches = eval_batches(cfg.prompts, cfg.eval.images_per_prompt, cfg.eval.seed, len(self.w.samplers))
-        rollouts = gather(
-            [s.generate.remote(b, branch=False) for s, b in zip(self.w.samplers, batches)],
-            self.timeout,
-            "sampler (evaluation)",
-        )
+        rollouts = self.w.samplers.get(self.w.samplers.generate(batches, branch=False), "sampler (evaluation)")
         images = np.concatenate([r.images for r in rollouts])
         prompts = [p for r in rollouts for p in r.prompts]
         comps = self.w.rewards.components(images, prompts)
@@ -167,17 +208,28 @@ class Loop:
     def run(self) -> RunResult:
         cfg = self.cfg
         self._resume()
+        self._trained = replace(self.prompts.state)
+        self._done = (self.start_iter - 1, self.version, self.w.rewards.state_dict())
         self._broadcast()
         result = RunResult(self.run_dir, self.start_iter)
         result.before = self.evaluate(self.start_iter, "before")
         self.sink.log(self.start_iter, result.before)
+        if self._resume_sampler_weights is not None and self.start_iter < cfg.iterations:
+            # async resume, exactly as the uninterrupted run: the first batch is rendered with the weights the
+            # samplers held when it was first sent out (one version behind), then the newest weights follow it
+            self.w.samplers.get(self.w.samplers.load(ray.put(self._resume_sampler_weights)), "sampler weight load")
+            self._weights = []
+            self._launched = self._launch()
+            self._broadcast()
         self.console.print("before: " + _fmt(result.before))
         it = self.start_iter
         budget_s, t_start = cfg.time_budget_min * 60.0, time.perf_counter()
         try:
             with _progress(self.console) as progress:
                 task = progress.add_task("training", total=cfg.iterations, completed=self.start_iter, stats="")
-                pending = self._launch() if it < cfg.iterations else None
+                pending = (
+                    self._launched if self._launched is not None else self._launch() if it < cfg.iterations else None
+                )
                 while it < cfg.iterations:
                     metrics, pending = self._iteration(it, pending)
                     if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
@@ -200,11 +252,11 @@ class Loop:
                         pending = self._launch()
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: saving a checkpoint before stopping[/]")
-            self._save_quietly(it - 1)
+            self._save_quietly()
             raise
-        except ActorFailure:
-            self._save_quietly(it - 1)
-            raise
+        except ActorFailure as err:
+            self._save_quietly()
+            raise ActorFailure(f"{err}\n{resume_hint(self.run_dir)}") from err
         if it > self.start_iter and (self.last_ckpt is None or self.last_ckpt.name != ckpt.checkpoint_name(it - 1)):
             self._save(it - 1)
         result.last_checkpoint = self.last_ckpt
@@ -217,25 +269,36 @@ class Loop:
         batches = self.prompts.next(
             self.cfg.sampler.prompts_per_worker, self.cfg.sampler.images_per_prompt, len(self.w.samplers)
         )
+        self._drawn.append(replace(self.prompts.state))
         self._launched_at = time.perf_counter()
-        return [s.generate.remote(b) for s, b in zip(self.w.samplers, batches)]
+        return self.w.samplers.generate(batches)
 
     def _drain(self, pending: list[Any]) -> None:
-        gather(pending, self.timeout, "sampler")
+        """Finish in-flight rollouts without training on them; their prompts are handed out again next time."""
+        self.w.samplers.get(pending, "sampler")
+        self._drawn.clear()
+        self.prompts.state = replace(self._trained)
+
+    def _overlaps(self) -> bool:
+        return self.cfg.ray.mode == "async" and self.cfg.ray.max_policy_lag >= 1
 
     def _iteration(self, it: int, pending: list[Any]) -> tuple[dict[str, float], list[Any] | None]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        rollouts: list[Rollout] = gather(pending, self.timeout, "sampler")
+        rollouts: list[Rollout] = self.w.samplers.get(pending, "sampler")
+        trained = self._drawn.pop(0)
         t_sample = time.perf_counter() - self._launched_at
         rollout = concat_rollouts(rollouts)
         lag = self.version - min(r.policy_version for r in rollouts)
         if lag > cfg.ray.max_policy_lag:
             raise ActorFailure(f"policy lag {lag} exceeds ray.max_policy_lag={cfg.ray.max_policy_lag}")
-        overlap = cfg.ray.mode == "async" and cfg.ray.max_policy_lag >= 1 and it + 1 < cfg.iterations
+        overlap = self._overlaps() and it + 1 < cfg.iterations
         next_pending = self._launch() if overlap else None  # samplers render k+1 while we score and learn k
         t1 = time.perf_counter()
-        scored = self.w.rewards.score_rollout(rollout)
+        try:
+            scored = self.w.rewards.score_rollout(rollout)
+        except RewardError as err:  # e.g. a reward actor that died more often than ray.max_actor_restarts
+            raise ActorFailure(str(err)) from err
         t_reward = time.perf_counter() - t1
         t2 = time.perf_counter()
         metrics = gather([self.w.learner.update.remote(scored)], self.timeout, "learner")[0]
@@ -261,6 +324,7 @@ class Loop:
                 "time/sync_s": self._sync_s,
                 "time/iteration_s": elapsed,
                 "throughput/images_per_s": len(rollout) / max(elapsed, 1e-9),
+                **self._faults(),
             }
         )
         if rollout.step_pairs is not None:
@@ -272,30 +336,75 @@ class Loop:
             n = min(32, len(rollout))
             caps = [f"{p[:18]} {s:.2f}" for p, s in zip(rollout.prompts[:n], scored.scores[:n].tolist())]
             save_image_grid(rollout.images[:n], caps, self.run_dir / "images" / f"train_iter_{it:06d}.png")
+        self._trained = trained
+        self._done = (it, self.version, self.w.rewards.state_dict())
         return metrics, next_pending
+
+    def _faults(self) -> dict[str, float]:
+        """Run totals: actors restarted (samplers replaced + reward actors restarted by Ray) and requests re-run
+        (rollout requests + the driver's reward calls; reward calls a TailorPO sampler re-sends are not counted)."""
+        pool = self.w.samplers
+        return {
+            "faults/restarts": float(pool.restarts + restarts_of(self.w.reward_actors)),
+            "faults/retries": float(pool.retries + sum(getattr(h, "retries", 0) for h in self.w.rewards.handles)),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, iteration: int) -> Path:
+        """Checkpoint the state after completed iteration `iteration`: the learner, the prompt cursor of the batches
+        trained on (not of those in flight), reward statistics; in async mode also the LoRA the samplers held while
+        the learner trained on it, which the next batch is rendered with (so a resumed async run is exact)."""
+        done_it, done_version, reward_stats = self._done
+        if (iteration, self.version) != (done_it, done_version):
+            raise RuntimeError(f"checkpoint of iteration {iteration} asked for, but {done_it} is the last completed")
         staged = ckpt.staging_dir(self.run_dir, iteration)
         gather([self.w.learner.save.remote(str(staged))], self.timeout, "learner (checkpoint)")
+        if self._overlaps() and len(self._weights) == 2:
+            _write_weights(staged / SAMPLER_LORA, ray.get(self._weights[0], timeout=self.timeout))
         state = {
             "iteration": iteration,
             "weights_version": self.version,
-            "prompts": vars(self.prompts.state).copy(),
-            "reward_stats": self.w.rewards.state_dict(),
+            "prompts": vars(self._trained).copy(),
+            "reward_stats": reward_stats,
             "seed": self.cfg.seed,
         }
         self.last_ckpt = ckpt.commit(self.run_dir, staged, iteration, state, to_yaml(self.cfg), self.cfg.log.keep_last)
         return self.last_ckpt
 
-    def _save_quietly(self, iteration: int) -> None:
-        if iteration < self.start_iter:
+    def _save_quietly(self) -> None:
+        """After a failure: checkpoint the last completed iteration, if no checkpoint holds it yet and the learner
+        has not moved past it (an update whose iteration did not complete must not be saved as part of it)."""
+        iteration, version, _ = self._done
+        if iteration < self.start_iter or (self.last_ckpt and self.last_ckpt.name == ckpt.checkpoint_name(iteration)):
+            return
+        if self.version != version:
+            self.console.print(f"[red]no checkpoint of iteration {iteration}: the learner has moved past it[/]")
             return
         try:
             path = self._save(iteration)
             self.console.print(f"checkpoint saved to {path}")
         except Exception as err:  # the learner may be the actor that died; earlier checkpoints stay intact
             self.console.print(f"[red]could not save a final checkpoint ({err}); earlier checkpoints are intact[/]")
+
+
+SAMPLER_LORA = "sampler_lora.safetensors"  # async checkpoints: the LoRA the samplers render the next batch with
+
+
+def _write_weights(path: Path, update: Any) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in update.tensors.items()}, str(path), {"version": str(update.version)})
+
+
+def _read_weights(path: Path) -> Any:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from rlalign.types import WeightsUpdate
+
+    with safe_open(str(path), "pt") as f:
+        version = int(f.metadata()["version"])
+    return WeightsUpdate(version, load_file(str(path)))
 
 
 def _progress(console: Console) -> Progress:
