@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -182,14 +183,23 @@ class Learner:
         missing = [f for f in (LORA_FILE, "optimizer.pt", "learner.json") if not (src / f).is_file()]
         if missing:
             raise FileNotFoundError(f"checkpoint {src} is incomplete: missing {', '.join(missing)}")
-        set_peft_model_state_dict(self.parts.unet, load_file(str(src / LORA_FILE)))
-        blob = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True)  # no pickle code runs
+        # read and check every file before changing anything, so a refused checkpoint leaves the learner as it was
+        lora = load_file(str(src / LORA_FILE))
+        state = json.loads((src / "learner.json").read_text())
+        try:
+            blob = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True)  # no pickle code runs
+        except pickle.UnpicklingError as err:
+            cause = next((ln for ln in str(err).splitlines() if "Unsupported" in ln or "GLOBAL" in ln), "")
+            raise ValueError(
+                f"checkpoint {src}: optimizer.pt holds pickled Python objects besides tensors; refused without "
+                f"running them ({cause.strip() or type(err).__name__})"
+            ) from err
+        set_peft_model_state_dict(self.parts.unet, lora)
         self.opt.load_state_dict(blob["optimizer"])
         if blob.get("scaler"):
             self.scaler.load_state_dict(blob["scaler"])
         self.generator.set_state(blob["generator"])
         torch.set_rng_state(blob["torch"])
-        state = json.loads((src / "learner.json").read_text())
         self.version, self.updates = int(state["version"]), int(state["updates"])
         return self.version
 

@@ -107,8 +107,11 @@ class RewardSet:
         out = {}
         for name, p in zip(self.names, pending):
             scores = np.asarray(self._wait(name, p), dtype=np.float32)
-            if scores.shape != (len(images),) or not np.isfinite(scores).all():
+            if scores.shape != (len(images),):
                 raise RewardError(f"reward {name!r} returned {scores.shape} scores for {len(images)} images")
+            if not np.isfinite(scores).all():
+                bad = np.flatnonzero(~np.isfinite(scores))
+                raise RewardError(f"reward {name!r} returned non-finite scores at rows {bad[:8].tolist()}")
             out[name] = scores
         return out
 

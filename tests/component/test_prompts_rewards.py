@@ -246,7 +246,7 @@ class BadModel:
     ("answer", "match"),
     [
         (lambda n: np.zeros(n - 1, np.float32), r"reward 'broken' returned \(11,\) scores for 12 images"),
-        (lambda n: np.full(n, np.nan, np.float32), r"reward 'broken' returned"),
+        (lambda n: np.full(n, np.nan, np.float32), r"reward 'broken' returned non-finite scores at rows \[0, 1, "),
         (RuntimeError("model exploded"), r"reward 'broken' failed: RuntimeError: model exploded"),
     ],
 )
