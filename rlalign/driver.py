@@ -24,7 +24,7 @@ from rich.table import Table
 
 from rlalign import checkpoint as ckpt
 from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, restarts_of, spawn_workers
-from rlalign.config import RunCfg, resources_line, save_config, summary, to_yaml
+from rlalign.config import RunCfg, preflight, resources_line, save_config, summary, to_yaml
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
 from rlalign.models.loading import resolve_model_dir
@@ -59,6 +59,7 @@ def prepare_run_dir(cfg: RunCfg) -> Path:
 def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
     console = console or Console()
     start = time.perf_counter()
+    preflight(cfg)  # every file the config names, opened before Ray starts (the CLI has already run it: cheap)
     if cfg.resume is not None and cfg.resume != ckpt.LATEST:
         ckpt.resolve_resume(cfg.run_dir, cfg.resume)  # fail before any work when the path is wrong
     run_dir = prepare_run_dir(cfg)
