@@ -1,4 +1,4 @@
-"""`rlalign` command line: train, build the embedded base model, show a resolved config.
+"""`rlalign` command line: train, build the embedded base model, show a resolved config, write a run report.
 
 Heavy imports (torch, ray, diffusers) happen inside the sub-commands, so `rlalign --help` answers at once.
 """
@@ -20,6 +20,7 @@ examples:
   rlalign train configs/tailorpo_sd15.yaml model.path=/models/sd15 --address auto   join a running Ray cluster
   rlalign config configs/tiny.yaml                print the resolved config and derived sizes
   rlalign base digits                             build (or show) the cached embedded digits model
+  rlalign report runs/digits                      write runs/digits/report.html (one self-contained page)
 """
 
 
@@ -74,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--seed", type=int, default=0)
     base.add_argument("--size", choices=["default", "tiny"], default="default", help="tiny builds in seconds")
     base.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    report = sub.add_parser(
+        "report",
+        help="write RUN_DIR/report.html, one self-contained page about a run",
+        description="Write RUN_DIR/report.html: run summary, config differences from the defaults, curves, "
+        "before/after image grids of the same prompts and seeds, monitor table and alarms, checkpoints and the "
+        "lines that load the LoRA in diffusers. One file, images embedded, no network access. A run writes it "
+        "at its end; this writes it again (e.g. for a run that stopped).",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/digits")
     return parser
 
 
@@ -104,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "base":
             return _base(args, console)
+        if args.command == "report":
+            return _report(args, console)
         from rlalign.config import ConfigError, load_config, preflight, resources_line, summary, to_yaml
 
         config, overrides = _split_config(args)
@@ -148,6 +161,18 @@ def _train(cfg, console) -> int:
     console.print(f"image grids   : {result.run_dir / 'images'}")
     console.print(f"checkpoint    : {result.last_checkpoint}  (resume with resume=latest name={result.run_dir.name})")
     console.print(f"wall time     : {result.seconds:.0f} s for {result.iterations_done} iterations")
+    return 0
+
+
+def _report(args: argparse.Namespace, console) -> int:
+    from rlalign.report import write_report
+
+    try:
+        path = write_report(args.run_dir)
+    except FileNotFoundError as err:
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)
+        return 1
+    console.print(f"report: {path}", markup=False, highlight=False)
     return 0
 
 

@@ -100,7 +100,26 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
         if started:
             ray.shutdown()
     result.seconds = time.perf_counter() - start
+    _write_report(run_dir, result.seconds, console)
     return result
+
+
+def _write_report(run_dir: Path, seconds: float, console: Console) -> None:
+    """report.html at the end of a run; a failure here costs only the page, never the run (it warns instead)."""
+    import warnings
+
+    from rich.markup import escape
+
+    try:
+        from rlalign.report import write_report
+
+        path = write_report(run_dir, wall_s=seconds)
+    except Exception as err:  # the run's files are complete; the page can be written again later
+        msg = f"report.html not written ({type(err).__name__}: {err}); write it with: rlalign report {run_dir}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
+        return
+    console.print(f"report        : {path}")
 
 
 def resume_hint(run_dir: Path) -> str:

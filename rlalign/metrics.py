@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,16 +75,17 @@ def save_image_grid(
     rows = math.ceil(b / columns)
     tile_w, tile_h, text_h = w * scale, h * scale, 12
     cell_w = max(tile_w, 6 * max((len(c) for c in captions), default=1) // 2)
-    grid = Image.new("RGB", (columns * cell_w, rows * (tile_h + text_h * 2)), "white")
+    # captions wrap at spaces (a word is split only when it alone is wider than the cell): at least two lines
+    lines = [textwrap.wrap(c, width=max(1, cell_w // 6)) or [""] for c in captions]
+    n_lines = max(2, *(len(ls) for ls in lines)) if lines else 2
+    grid = Image.new("RGB", (columns * cell_w, rows * (tile_h + text_h * n_lines)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (img, cap) in enumerate(zip(images, captions)):
+    for i, (img, cap_lines) in enumerate(zip(images, lines)):
         r, c = divmod(i, columns)
-        x0, y0 = c * cell_w, r * (tile_h + text_h * 2)
+        x0, y0 = c * cell_w, r * (tile_h + text_h * n_lines)
         grid.paste(Image.fromarray(img).resize((tile_w, tile_h), Image.NEAREST), (x0 + (cell_w - tile_w) // 2, y0))
-        half = max(1, len(cap) // 2) if len(cap) * 6 > cell_w else len(cap)
-        draw.text((x0 + 1, y0 + tile_h), cap[:half], fill="black")
-        if half < len(cap):
-            draw.text((x0 + 1, y0 + tile_h + text_h), cap[half:], fill="black")
+        for j, line in enumerate(cap_lines):
+            draw.text((x0 + 1, y0 + tile_h + j * text_h), line, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
