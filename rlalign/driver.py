@@ -100,11 +100,11 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
         if started:
             ray.shutdown()
     result.seconds = time.perf_counter() - start
-    _write_report(run_dir, result.seconds, console)
+    _write_report(run_dir, result, console)
     return result
 
 
-def _write_report(run_dir: Path, seconds: float, console: Console) -> None:
+def _write_report(run_dir: Path, result: RunResult, console: Console) -> None:
     """report.html at the end of a run; a failure here costs only the page, never the run (it warns instead)."""
     import warnings
 
@@ -113,7 +113,7 @@ def _write_report(run_dir: Path, seconds: float, console: Console) -> None:
     try:
         from rlalign.report import write_report
 
-        path = write_report(run_dir, wall_s=seconds)
+        path = write_report(run_dir, wall_s=result.seconds, alarms=getattr(result, "alarms", ()))
     except Exception as err:  # the run's files are complete; the page can be written again later
         msg = f"report.html not written ({type(err).__name__}: {err}); write it with: rlalign report {run_dir}"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -69,7 +69,7 @@ class Learner:
     # ------------------------------------------------------------------ training
     def update(self, scored: ScoredRollouts) -> dict[str, float]:
         """One learning step on an iteration's scored rollouts; returns detached float metrics."""
-        start = time.perf_counter()
+        start, rows_before, grad_rows_before = time.perf_counter(), self.model.rows, self.model.grad_rows
         batch = self.algo.build_batch(scored, self.algo_cfg, self.generator)
         rows = num_rows(batch) if batch is not None else 0
         metrics: dict[str, float] = {"learner/rows": float(rows)}
@@ -104,6 +104,8 @@ class Learner:
         metrics["learner/skipped_steps"] = float(skipped)
         if self.scaler.is_enabled():
             metrics["learner/grad_scale"] = float(self.scaler.get_scale())
+        metrics["cost/learner_unet_rows"] = float(self.model.rows - rows_before)
+        metrics["cost/learner_unet_grad_rows"] = float(self.model.grad_rows - grad_rows_before)
         metrics["time/learn_s"] = time.perf_counter() - start
         self.version += 1
         self.updates += 1

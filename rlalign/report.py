@@ -15,7 +15,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,20 @@ CURVES: list[tuple[str, Callable[[str], bool], str]] = [
         "throughput/: images per second of a whole iteration; sampler/: of rendering alone",
     ),
     ("Per-stage time", lambda k: k.startswith("time/"), "seconds per iteration spent in each stage"),
-    ("Monitor", lambda k: k.startswith("monitor/"), "drift, diversity and alarm values logged by the monitor"),
+    (
+        "Monitor",
+        lambda k: k.startswith("monitor/") and k != "monitor/alarm",
+        "drift from the base model and diversity, logged by the monitor (alarms: the Monitor table)",
+    ),
 ]
 
 
-def write_report(run_dir: str | os.PathLike[str], *, wall_s: float | None = None) -> Path:
+def write_report(
+    run_dir: str | os.PathLike[str], *, wall_s: float | None = None, alarms: Sequence[tuple[int, str]] = ()
+) -> Path:
     """Write `run_dir/report.html` and return its path. `wall_s`: the run's wall time when the caller knows it
-    (the driver does); otherwise it is estimated from the times config.yaml and metrics.jsonl were written."""
+    (the driver does); otherwise it is estimated from the times config.yaml and metrics.jsonl were written.
+    `alarms`: (iteration, sentence) of each monitor alarm, when the caller has them (the driver's RunResult)."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{run} is not a run directory: it holds neither config.yaml nor metrics.jsonl")
@@ -83,7 +90,7 @@ def write_report(run_dir: str | os.PathLike[str], *, wall_s: float | None = None
         _before_after_table(rows),
         _grids(run),
         _curves(rows),
-        _monitor(rows),
+        _monitor(rows, alarms),
         _checkpoints(run, cfg),
         _config_diff(cfg, defaults),
     ]
@@ -198,30 +205,34 @@ def _curves(rows: list[dict[str, float]]) -> str:
     return out
 
 
-def _monitor(rows: list[dict[str, float]]) -> str:
-    keys = sorted({k for r in rows for k in r if k.startswith(("monitor/", "audit/"))})
-    if not keys:
+def _monitor(rows: list[dict[str, float]], alarms: Sequence[tuple[int, str]]) -> str:
+    """One row per evaluation that logged monitor/* or audit/* values (the last row holds the latest), then the
+    alarms: the sentences the run printed when the caller passes them, else the iterations monitor/alarm fired."""
+    keys = sorted({k for r in rows for k in r if k.startswith(("monitor/", "audit/")) and k != "monitor/alarm"})
+    evals = [r for r in rows if any(k.startswith(("monitor/", "audit/")) for k in r)]
+    if not evals:
         return "<h2>Monitor</h2><p class='muted'>no monitor/* or audit/* metrics were logged in this run.</p>"
-    latest: dict[str, tuple[int, float]] = {}
-    for r in rows:
-        for k in keys:
-            if k in r:
-                latest[k] = (int(r["iteration"]), r[k])
-    table = "".join(
-        f"<tr><td>{_e(k)}</td><td class='num'>{_num(v)}</td><td class='num'>{it}</td></tr>"
-        for k, (it, v) in sorted(latest.items())
-    )
-    alarm_keys = [k for k in keys if k.startswith("monitor/alarm")]
-    alarms = [(int(r["iteration"]), k, r[k]) for r in rows for k in alarm_keys if k in r and r[k] > 0]
+    has_alarm = any("monitor/alarm" in r for r in evals)
+    head = "<tr><th>iteration</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys)
+    head += "<th>alarm</th></tr>" if has_alarm else "</tr>"
+    body = []
+    for r in evals:
+        cells = "".join(f"<td class='num'>{_num(r.get(k))}</td>" for k in keys)
+        alarm = ""
+        if has_alarm:
+            alarm = "<td class='alarm'>ALARM</td>" if r.get("monitor/alarm", 0) > 0 else "<td></td>"
+        body.append(f"<tr><td class='num'>{int(r['iteration'])}</td>{cells}{alarm}</tr>")
+    fired = [int(r["iteration"]) for r in evals if r.get("monitor/alarm", 0) > 0]
     if alarms:
-        items = "".join(f"<li>iteration {it}: {_e(k)} = {_num(v)}</li>" for it, k, v in alarms)
-        alarm_html = f"<p class='alarm'>{len(alarms)} alarm(s) raised:</p><ul>{items}</ul>"
-    elif alarm_keys:
-        alarm_html = "<p>no alarm raised.</p>"
+        items = "".join(f"<li>iteration {it}: {_e(msg)}</li>" for it, msg in alarms)
+        alarm_html = f"<p class='alarm'>{len(alarms)} alarm(s):</p><ul>{items}</ul>"
+    elif fired:
+        alarm_html = f"<p class='alarm'>monitor/alarm fired at iteration(s) {', '.join(map(str, fired))}.</p>"
+    elif has_alarm:
+        alarm_html = "<p>no alarm fired.</p>"
     else:
         alarm_html = "<p class='muted'>no alarm metric was logged.</p>"
-    head = "<tr><th>metric</th><th>latest value</th><th>at iteration</th></tr>"
-    return f"<h2>Monitor</h2><table>{head}{table}</table>{alarm_html}"
+    return f"<h2>Monitor</h2><table>{head}{''.join(body)}</table>{alarm_html}"
 
 
 def _checkpoints(run: Path, cfg: dict[str, Any]) -> str:

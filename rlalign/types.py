@@ -127,5 +127,10 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
         prompt_embeds=torch.cat([r.prompt_embeds for r in rollouts]),
         policy_version=min(r.policy_version for r in rollouts),
         step_pairs=step_pairs,
-        metrics={k: float(np.mean([r.metrics[k] for r in rollouts if k in r.metrics])) for k in first.metrics},
+        metrics={k: _merge_metric(k, [r.metrics[k] for r in rollouts if k in r.metrics]) for k in first.metrics},
     )
+
+
+def _merge_metric(key: str, values: list[float]) -> float:
+    """Costs add up over samplers (`cost/*`: U-Net rows); everything else is a per-sampler mean."""
+    return float(np.sum(values)) if key.startswith("cost/") else float(np.mean(values))

@@ -61,6 +61,8 @@ class UNetDenoiser:
         self.scheduler = scheduler
         self.layer = layer
         self.dtype = dtype or unet.dtype
+        self.rows = 0  # U-Net forward rows so far (policy, reference and NCP's E alike): the learner's cost
+        self.grad_rows = 0  # of which ran with autograd on (a backward follows)
         device = next(unet.parameters()).device
         self.alphas_cumprod: Tensor = torch.as_tensor(scheduler.alphas_cumprod).to(device, torch.float64)
 
@@ -69,6 +71,8 @@ class UNetDenoiser:
         return torch.device(next(self.unet.parameters()).device)
 
     def _call(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        self.rows += x.shape[0]
+        self.grad_rows += x.shape[0] if torch.is_grad_enabled() else 0
         return unet_eps(self.unet, x, t, cond, dtype=self.dtype)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, adapters: bool = True) -> Tensor:

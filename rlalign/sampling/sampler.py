@@ -77,6 +77,7 @@ class Sampler:
         self.version = 0
         self.worker_index = worker_index
         self._negative: Tensor | None = None
+        self.unet_rows = 0  # U-Net forward rows so far (CFG counts 2 per image): the cost axis of benchmarks
         if branch is not None and scorer is None:
             raise ValueError("a branching sampler needs a step scorer (the reward models)")
 
@@ -126,6 +127,7 @@ class Sampler:
 
     def _guided(self, x: Tensor, t: Tensor, cond: Tensor, neg: Tensor, w: float) -> Tensor:
         unet, dtype = self.parts.unet, self.parts.dtype
+        self.unet_rows += x.shape[0] * (1 if w == 1.0 else 2)
         if w == 1.0:
             return unet_eps(unet, x, t, cond, dtype=dtype)
         both = unet_eps(unet, torch.cat([x, x]), t, torch.cat([neg.expand_as(cond), cond]), dtype=dtype)
@@ -140,7 +142,7 @@ class Sampler:
     @torch.no_grad()
     def generate(self, batch: PromptBatch, *, branch: bool = True) -> Rollout:
         """Render one batch. `branch=False` forces plain sampling (evaluation) even on a branching sampler."""
-        start = time.perf_counter()
+        start, rows_before = time.perf_counter(), self.unet_rows
         parts, sched, eta = self.parts, self.parts.scheduler, self.cfg.eta
         gens = [torch.Generator().manual_seed(int(s)) for s in batch.seeds]
         cond = parts.encode_prompts(list(batch.prompts))
@@ -178,6 +180,7 @@ class Sampler:
             )
         seconds = time.perf_counter() - start
         metrics = {"time/sampler_call_s": seconds, "sampler/images_per_s": len(batch) / max(seconds, 1e-9)}
+        metrics["cost/sampler_unet_rows"] = float(self.unet_rows - rows_before)  # summed over samplers per iteration
         metrics.update({f"sampler/std/step_{j:02d}": s for j, s in enumerate(stds)})
         return Rollout(
             prompts=list(batch.prompts),

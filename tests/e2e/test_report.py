@@ -4,6 +4,7 @@ run's figures, nothing is fetched from outside the file, and a screenshot is sav
 from __future__ import annotations
 
 import html
+import json
 import re
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 
 from rlalign import driver
-from rlalign.config import load_config
+from rlalign.config import load_config, save_config
 from rlalign.driver import train
 from rlalign.metrics import read_metrics, save_image_grid
 from rlalign.report import write_report
@@ -102,6 +103,26 @@ def test_report_needs_a_run_directory(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
+def test_monitor_table_and_alarms_from_metrics(tmp_path: Path) -> None:
+    """A run directory written by hand: config.yaml and metrics.jsonl with audit/* and monitor/* rows, no images
+    and no checkpoints; the page shows one monitor row per evaluation, marks the alarm and says what is missing."""
+    save_config(load_config(CONFIG), tmp_path / "config.yaml")
+    rows = [
+        {"iteration": 0, "eval/brightness/mean": 0.2, "audit/judge/mean": 0.6, "monitor/alarm": 0.0},
+        {"iteration": 1, "loss/total": 0.69, "time/iteration_s": 2.0, "reward/brightness/mean": 0.3},
+        {"iteration": 1, "eval/brightness/mean": 0.5, "audit/judge/mean": 0.41, "monitor/diversity_ratio": 0.37,
+         "monitor/alarm": 1.0},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(tmp_path, alarms=[(1, "audit/judge/mean fell by 0.19 while the trained reward rose")])
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.read_text())))
+    assert "iteration audit/judge/mean monitor/diversity_ratio alarm" in text
+    assert "1 0.41 0.37 ALARM" in text and "0 0.6 " in text
+    assert "iteration 1: audit/judge/mean fell by 0.19 while the trained reward rose" in text
+    assert "no checkpoint was saved" in text and "no evaluation image grids" in text
+    assert "audit/judge/mean 0.6 0.41 -0.19" in text  # before/after table
+
+
 def test_a_failing_report_only_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> Path:
         raise ValueError("boom")
@@ -109,7 +130,7 @@ def test_a_failing_report_only_warns(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("rlalign.report.write_report", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        driver._write_report(tmp_path, 1.0, Console(quiet=True))
+        driver._write_report(tmp_path, driver.RunResult(tmp_path, 0), Console(quiet=True))
     assert any("report.html not written (ValueError: boom)" in str(w.message) for w in caught)
 
 
