@@ -155,6 +155,15 @@ class EvalCfg:
     images_per_prompt: int = 5  # held-out images per eval prompt (digits: 40 prompts x 5 = 200 images)
     # eval seeds start here, above every training seed (run seed * 1_000_003 + images; 10_000_000 collided at seed 10)
     seed: int = 1 << 62
+    # reward models scored on the held-out images but never trained on (same schema as reward.models), logged as
+    # audit/<name>/mean; built in the driver's process on CPU (cheap ones: brightness, jpeg, digit_prompt). The
+    # digits model's independent judge is always logged as audit/judge/mean. Monitor maths: rlalign/monitor.py
+    audit: list[RewardSpec] = field(default_factory=list)
+    alarm_audit_drop: float = 0.1  # an audit mean falls by more than this while the trained reward rises (0: off)
+    alarm_window: int = 3  # ... measured from the first to the last of the last N evaluations
+    alarm_diversity_below: float = 0.2  # within-prompt diversity below this fraction of the base model's (0: off)
+    alarm_drift_above: float = 0.0  # mean RMS latent distance from the base model's images above this (0: off)
+    stop_on_alarm: bool = False  # an alarm at an evaluation saves a checkpoint and stops the run
 
 
 @dataclass
@@ -324,6 +333,10 @@ _RANGES: dict[str, str] = {
     "eval.every": ">= 0",
     "eval.images_per_prompt": ">= 1",
     "eval.seed": ">= 0",
+    "eval.alarm_audit_drop": ">= 0",
+    "eval.alarm_window": ">= 1",
+    "eval.alarm_diversity_below": ">= 0",
+    "eval.alarm_drift_above": ">= 0",
     "log.image_every": ">= 0",
     "log.save_every": ">= 0",
     "log.keep_last": ">= 0",
@@ -399,6 +412,12 @@ def validate(cfg: RunCfg) -> None:
             fail(f"{key}.url", f"must start with http:// or https://, got {spec.url!r}")
         if spec.path is not None and not REWARDS[spec.name].weights:
             fail(f"{key}.path", f"reward {spec.name!r} has no weights; remove path (got {spec.path!r})")
+    for i, spec in enumerate(cfg.eval.audit):
+        if spec.name not in REWARDS or spec.name == "http":
+            known = ", ".join(sorted(n for n in REWARDS if n != "http"))
+            fail(f"eval.audit.{i}.name", f"unknown or remote reward {spec.name!r}; audits run in-process: {known}")
+        if spec.path is not None and not REWARDS[spec.name].weights:
+            fail(f"eval.audit.{i}.path", f"reward {spec.name!r} has no weights; remove path (got {spec.path!r})")
     if cfg.algo.startswith("ncp_") and cfg.learner.dtype != "float32":
         fail(
             "learner.dtype",

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 import ray
-from rich.console import Console
+import torch
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,6 +29,7 @@ from rlalign.config import RunCfg, preflight, resources_line, save_config, summa
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
 from rlalign.models.loading import resolve_model_dir
+from rlalign.monitor import AlarmRules, Monitor
 from rlalign.prompts import PromptSource, PromptSourceState, eval_batches
 from rlalign.resources import missing_resources
 from rlalign.rewards import RewardError
@@ -42,6 +44,9 @@ class RunResult:
     after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     last_checkpoint: Path | None = None
+    monitor: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation (rlalign/monitor.py)
+    alarms: list[tuple[int, str]] = field(default_factory=list)  # (iteration, sentence) of every monitor alarm
+    stopped_on_alarm: bool = False
 
 
 def prepare_run_dir(cfg: RunCfg) -> Path:
@@ -172,6 +177,10 @@ class Loop:
         self.timeout = cfg.ray.call_timeout_s
         self.prompts = PromptSource(cfg.prompts, seed=cfg.seed)
         self.evaluator = Evaluator(model_dir) if (Path(model_dir) / "digit_classifier").is_dir() else None
+        self.audits = _make_audits(cfg, model_dir)
+        e = cfg.eval
+        rules = AlarmRules(e.alarm_audit_drop, e.alarm_window, e.alarm_diversity_below, e.alarm_drift_above)
+        self.monitor = Monitor(rules)
         self.start_iter = 0
         self.version = 0  # learner's weights version, as last reported
         self.sampler_version = 0
@@ -219,10 +228,34 @@ class Loop:
         prompts = [p for r in rollouts for p in r.prompts]
         comps = self.w.rewards.components(images, prompts)
         out = {f"eval/{k}/mean": float(v.mean()) for k, v in comps.items()}
+        rw = self.w.rewards
+        out["eval/weighted/mean"] = float(sum(s.weight * comps[n] for s, n in zip(rw.specs, rw.names)).mean())
         if self.evaluator is not None:
             out.update(self.evaluator.metrics(images, prompts))
+            out["audit/judge/mean"] = out["eval/judge_accuracy"]  # never trained on: the digits model's audit
+        for name, model in self.audits.items():
+            out[f"audit/{name}/mean"] = float(np.asarray(model.score(images, list(prompts)), dtype=np.float64).mean())
+        out.update(self._monitor(iteration, tag, rollouts, out))
         save_image_grid(images[:40], prompts[:40], self.run_dir / "images" / f"eval_{tag}_iter_{iteration:06d}.png")
         return out
+
+    def _monitor(self, iteration: int, tag: str, rollouts: list[Rollout], out: dict[str, float]) -> dict[str, float]:
+        """Drift and diversity against the base model's render of the same prompts and seeds, and the alarms.
+        A fresh run's "before" evaluation is the base (cached on the driver and in monitor_base.pt for resumes)."""
+        seeds = torch.cat([r.seeds for r in rollouts])
+        groups = torch.cat([r.group_ids for r in rollouts])
+        final = torch.cat([r.latents[:, -1] for r in rollouts]).float()  # [B, C, h, w]
+        base_file = self.run_dir / "monitor_base.pt"
+        if tag == "before" and self.monitor.base_latents is None:
+            if self.cfg.resume is None:
+                self.monitor.set_base(seeds, groups, final)
+                torch.save(self.monitor.base_state(), base_file)
+            elif base_file.is_file():
+                self.monitor.load_base_state(torch.load(base_file, weights_only=True))
+        metrics = self.monitor.observe(iteration, seeds, groups, final, out["eval/weighted/mean"], out)
+        for msg in self.monitor.fired(iteration):
+            self.console.print(f"[bold red]ALARM[/] (monitor, iteration {iteration}): {msg}")
+        return metrics
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> RunResult:
@@ -268,6 +301,14 @@ class Loop:
                         if pending is not None:
                             self._drain(pending)
                         break
+                    if cfg.eval.stop_on_alarm and metrics.get("monitor/alarm") == 1.0 and it < cfg.iterations:
+                        self.console.print(
+                            f"[bold red]stopping after {it} iterations: monitor alarm[/] (eval.stop_on_alarm)"
+                        )
+                        result.stopped_on_alarm = True
+                        if pending is not None:
+                            self._drain(pending)
+                        break
                     if pending is None and it < cfg.iterations:
                         pending = self._launch()
         except KeyboardInterrupt:
@@ -283,6 +324,7 @@ class Loop:
         result.after = self.evaluate(it, "after")
         self.sink.log(it, result.after)
         self.console.print("after:  " + _fmt(result.after))
+        result.monitor, result.alarms = self.monitor.history, self.monitor.alarms
         return result
 
     def _launch(self) -> list[Any]:
@@ -407,6 +449,18 @@ class Loop:
             self.console.print(f"[red]could not save a final checkpoint ({err}); earlier checkpoints are intact[/]")
 
 
+def _make_audits(cfg: RunCfg, model_dir: str) -> dict[str, Any]:
+    """eval.audit models, built in the driver's process on CPU (audits score a few hundred held-out images per
+    evaluation: meant for cheap rewards). A name used twice gets its index: audit/jpeg/mean, audit/jpeg_1/mean."""
+    from rlalign.actors import make_reward_model
+
+    out: dict[str, Any] = {}
+    for i, spec in enumerate(cfg.eval.audit):
+        cpu = replace(spec, num_gpus=0.0, options={k: v for k, v in spec.options.items() if k != "device"})
+        out[spec.name if spec.name not in out else f"{spec.name}_{i}"] = make_reward_model(cpu, model_dir)
+    return out
+
+
 SAMPLER_LORA = "sampler_lora.safetensors"  # async checkpoints: the LoRA the samplers render the next batch with
 
 
@@ -453,7 +507,41 @@ def _fmt(m: dict[str, float]) -> str:
     return "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if math.isfinite(v))
 
 
-def summary_table(result: RunResult) -> Table:
+def summary_table(result: RunResult) -> RenderableType:
+    """The before/after table, then the monitor's table (one row per evaluation) and its alarms."""
+    parts: list[RenderableType] = [_before_after_table(result)]
+    if result.monitor:
+        parts.append(monitor_table(result.monitor))
+    for it, msg in result.alarms:
+        parts.append(f"[bold red]ALARM[/] at iteration {it}: {msg}")
+    if result.stopped_on_alarm:
+        parts.append("[bold red]the run stopped on a monitor alarm (eval.stop_on_alarm)[/]")
+    return Group(*parts)
+
+
+def monitor_table(rows: list[dict[str, float]]) -> Table:
+    """Per evaluation: trained reward, audits, latent drift from the base model (mean/p50/p90), diversity vs base."""
+    audits = sorted({k for r in rows for k in r if k.startswith("audit/")})
+    cols = [
+        ("trained", "trained reward"),
+        *((k, k) for k in audits),
+        ("monitor/drift_latent_mean", "drift mean"),
+        ("monitor/drift_latent_p50", "drift p50"),
+        ("monitor/drift_latent_p90", "drift p90"),
+        ("monitor/diversity_ratio", "diversity / base"),
+    ]
+    table = Table(title="monitor (held-out evaluations; drift = RMS latent distance from the base model)")
+    table.add_column("iteration", justify="right")
+    for _, title in cols:
+        table.add_column(title, justify="right")
+    table.add_column("alarm")
+    for r in rows:
+        cells = [f"{r[k]:.4f}" if math.isfinite(r.get(k, math.nan)) else "-" for k, _ in cols]
+        table.add_row(str(int(r["iteration"])), *cells, "[bold red]ALARM[/]" if r.get("monitor/alarm") else "")
+    return table
+
+
+def _before_after_table(result: RunResult) -> Table:
     table = Table(title=f"rlalign run {result.run_dir}")
     table.add_column("metric")
     table.add_column("before", justify="right")
