@@ -243,7 +243,7 @@ def spawn_rewards(cfg: RunCfg, model_dir: str | None) -> tuple[RewardSet, list[A
     ]
     asks = [a for a in role_asks(cfg) if a.role == "rewards"]
     for actor, ask in zip(actors, asks):
-        wait_placed([actor], ask, cfg.ray.pending_actor_timeout_s)
+        wait_placed([actor], ask, cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
     # one round-trip each: surfaces a bad weights dir now, with the model's own error message
     infos = gather([a.info.remote() for a in actors], cfg.ray.call_timeout_s, "reward actor start-up")
     names = RewardSet.component_names(list(cfg.reward.models))
@@ -319,15 +319,15 @@ def spawn_workers(cfg: RunCfg, model_dir: str) -> Workers:
     workers = Workers(samplers, learner, reward_actors, rewards, pgs)
     asks = {a.role: a for a in role_asks(cfg)}
     try:
-        wait_placed(list(samplers), asks["samplers"], cfg.ray.pending_actor_timeout_s)
-        wait_placed([learner], asks["learner"], cfg.ray.pending_actor_timeout_s)
+        wait_placed(list(samplers), asks["samplers"], cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
+        wait_placed([learner], asks["learner"], cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
     except ActorFailure:
         workers.kill()
         raise
     return workers
 
 
-def wait_placed(actors: Sequence[Any], ask: RoleAsk, timeout_s: float) -> None:
+def wait_placed(actors: Sequence[Any], ask: RoleAsk, timeout_s: float, *, autoscaling: bool = False) -> None:
     """Wait until the actors have a node; one still unplaced after `timeout_s` ends the run, saying what its role
     asks and what the cluster has free. Placed actors may go on loading weights (ray.call_timeout_s bounds that)."""
     waiting = [a.__ray_ready__.remote() for a in actors]
@@ -341,8 +341,9 @@ def wait_placed(actors: Sequence[Any], ask: RoleAsk, timeout_s: float) -> None:
             unplaced += info["State"] in ("DEPENDENCIES_UNREADY", "PENDING_CREATION") and not info["Pid"]
     if waiting and unplaced:
         free = ", ".join(f"{k} {v:g}" for k, v in sorted(ray.available_resources().items()) if "node:" not in k)
+        waited = "for the autoscaler to add nodes" if autoscaling else "for a node"
         raise ActorFailure(
-            f"{unplaced} {ask.role} actor(s) still waiting for a node after {timeout_s:.0f} s "
+            f"{unplaced} {ask.role} actor(s) still waiting {waited} after {timeout_s:.0f} s "
             f"(ray.pending_actor_timeout_s): {describe(ask)}; free in the cluster now: {free or 'nothing'}"
         )
 

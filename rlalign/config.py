@@ -144,6 +144,9 @@ class RayCfg:
     # an actor still pending after this is reported with what it asked for (rlalign/resources.py); on an
     # autoscaling cluster the report says it is waiting for nodes
     pending_actor_timeout_s: float = 60.0
+    # the cluster adds nodes on demand (Ray autoscaler): resources it lacks at start are waited for, up to
+    # pending_actor_timeout_s (raise it to the autoscaler's node start time), instead of refused at once
+    autoscaling: bool = False
     # a sampler or reward actor that dies is restarted and its request re-run; one that dies more often than
     # this ends the run (its node keeps failing). 0: no restarts, the first death ends the run
     max_actor_restarts: int = 3

@@ -86,8 +86,13 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
     )
     try:
         missing = missing_resources(cfg, ray.cluster_resources())
-        if missing:
+        if missing and not cfg.ray.autoscaling:
             raise ActorFailure("the cluster cannot hold this run's actors: " + "; ".join(missing))
+        if missing:  # an autoscaling cluster grows on demand: say what it must add, then wait (bounded)
+            console.print(
+                f"[yellow]waiting for nodes[/] (ray.autoscaling, up to {cfg.ray.pending_actor_timeout_s:.0f} s "
+                "per role): " + "; ".join(missing)
+            )
         workers = spawn_workers(cfg, model_dir)
         nodes = placement(workers, cfg.ray.call_timeout_s)
         (run_dir / "placement.json").write_text(json.dumps(nodes, indent=2))

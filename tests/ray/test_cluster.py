@@ -194,3 +194,27 @@ def test_unreachable_reward_server_is_named(tiny_overrides: list[str]) -> None:
             train(cfg, Console(quiet=True))
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("autoscaling", [False, True])
+def test_a_request_the_cluster_cannot_meet_is_named(tiny_overrides: list[str], autoscaling: bool) -> None:
+    """5 CPUs asked of a 2-CPU cluster: refused at once, or (autoscaling) waited for and then named, never silent."""
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    try:
+        overrides = ["sampler.num_workers=3", f"ray.autoscaling={autoscaling}", "ray.pending_actor_timeout_s=3"]
+        cfg = load_config(CONFIG, [*overrides, *tiny_overrides])
+        console = Console(record=True, width=200)
+        start = time.perf_counter()
+        with pytest.raises(ActorFailure) as info:
+            train(cfg, console)
+        message, printed = str(info.value), console.export_text()
+        assert "samplers ask 3 x 1 CPU" in (message + printed) and "the cluster has 2" in (message + printed)
+        if autoscaling:
+            assert "waiting for nodes" in printed
+            assert "still waiting for the autoscaler to add nodes after 3 s (ray.pending_actor_timeout_s)" in message
+        else:
+            assert "the cluster cannot hold this run's actors" in message
+            assert time.perf_counter() - start < 30  # refused before any actor is spawned
+        assert (cfg.run_dir / "config.yaml").is_file()  # the run's files are kept
+    finally:
+        ray.shutdown()
