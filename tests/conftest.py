@@ -3,7 +3,12 @@ and a synthetic `ScoredRollouts` builder. Nothing downloads (HF_HUB_OFFLINE=1)."
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -257,3 +262,48 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_pipelines import build_sdxl
 
     return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A reward server process (`python -m reward_servers.serve`) on 127.0.0.1
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def reward_server_process(args: list[str], log: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`python -m reward_servers.serve ARGS --port P` on a free port, yielded once /health answers; stopped after.
+
+    Its output goes to `log`: a pipe nobody reads fills up and blocks the server's event loop.
+    """
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "reward_servers.serve", *args, "--port", str(port)]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"server exited: {log.read_text()}"
+            assert time.monotonic() < deadline, "server did not answer /health within 60 s"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

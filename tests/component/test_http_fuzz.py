@@ -22,7 +22,6 @@ import io
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -35,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import reward_server_process
 from PIL import Image
 
 from reward_servers.codec import NPZ, decode_npz, encode_npz, encode_png_b64
@@ -51,38 +51,11 @@ DEADLINE_S = 90.0  # hard stop for the fuzz phase (measured ~13 s for 5000 reque
 # --------------------------------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "reward_servers.serve", "--model", "brightness", "--port", str(port),
-           "--token", TOKEN, "--max-batch", str(MAX_BATCH), "--max-bytes", str(MAX_BYTES)]  # fmt: skip
-    # the server's log goes to a file: a pipe nobody reads fills up and blocks the server's event loop
-    log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"server exited: {log.read_text()}"
-            assert time.monotonic() < deadline, "server did not answer /health within 60 s"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    args = ["--model", "brightness", "--token", TOKEN, "--max-batch", str(MAX_BATCH), "--max-bytes", str(MAX_BYTES)]
+    with reward_server_process(args, tmp_path_factory.mktemp("fuzz") / "server.log") as running:
+        yield running
 
 
 def rss_mib(pid: int) -> float:

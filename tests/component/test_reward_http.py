@@ -12,8 +12,6 @@ import http.server
 import io
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from conftest import free_port, reward_server_process
 
 from reward_servers.client import HTTPReward, RewardServerError, RewardServerUnreachable
 from reward_servers.codec import NPZ, decode_npz, encode_npz, encode_png_b64
@@ -58,12 +57,6 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         sock.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def npz_body(images: np.ndarray, prompts: list[str]) -> bytes:
     return encode_npz(images=images, prompts=np.asarray(prompts, dtype=str))
 
@@ -78,30 +71,11 @@ TOKEN = "s3cret"
 
 
 @pytest.fixture(scope="module")
-def cli_server() -> Iterator[str]:
+def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m reward_servers.serve --model brightness` with a token, max batch 4, max body 20 kB."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "reward_servers.serve", "--model", "brightness", "--port", str(port),
-           "--token", TOKEN, "--max-batch", "4", "--max-bytes", "20000"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"server exited: {proc.stdout.read() if proc.stdout else ''}"
-            assert time.monotonic() < deadline, "server did not answer /health within 60 s"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
+    args = ["--model", "brightness", "--token", TOKEN, "--max-batch", "4", "--max-bytes", "20000"]
+    with reward_server_process(args, tmp_path_factory.mktemp("cli-server") / "server.log") as (url, _proc):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

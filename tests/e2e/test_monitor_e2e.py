@@ -9,11 +9,8 @@ accuracy falls (0.0875 -> 0.0375): the drift rule, at 0.8, fires at the third ev
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import ray
 from rich.console import Console
 
 from rlalign.config import load_config
@@ -34,13 +31,6 @@ HACKABLE = [
     "log.image_every=0",
     "log.save_every=0",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def _eval_rows(run_dir: Path) -> list[dict[str, float]]:

@@ -9,11 +9,9 @@ training iteration once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
@@ -25,13 +23,6 @@ from rlalign.metrics import read_metrics
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 N = 4
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def _train_rows(run_dir: Path) -> list[dict[str, float]]:

@@ -8,11 +8,9 @@ Checks: ln 2 at the first update (fresh LoRA == reference), the run's LoRA expor
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from rich.console import Console
 
@@ -25,13 +23,6 @@ from rlalign.models.loading import load_parts
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 FAMILIES = ["tailorpo", "tailorpo_g", "dde_stepwise", "diffusion_dpo", "ncp_dpo", "ddpo"]
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def checkpoint_unet_outputs(model_dir: Path, ckpt: Path, lora: LoraCfg) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from rich.console import Console
 
 from rlalign.algos import ALGORITHMS
@@ -16,14 +14,6 @@ from rlalign.driver import train
 from rlalign.metrics import read_metrics
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    # logical CPUs: 2 samplers + learner + reward actor, each asking for one, on a 2-core machine
-    ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def _train_rows(run_dir: Path) -> list[dict[str, float]]:
