@@ -307,3 +307,17 @@ def reward_server_process(args: list[str], log: Path) -> Iterator[tuple[str, sub
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """One embedded Ray per test module (e2e): logical CPUs for 2 samplers + learner + reward actor on 2 cores.
+
+    It lives here, not in tests/e2e/conftest.py: a second conftest module would shadow this one for every
+    `from conftest import ...` collected after it.
+    """
+    import ray
+
+    ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
