@@ -8,6 +8,12 @@ adapter disabled, so no second copy is held.
 Precision (docs/precision.md): the base U-Net may be bf16/fp16 (`learner.dtype`); the LoRA parameters, their
 gradients and AdamW's state are float32 and the forward runs under autocast. float16 adds a GradScaler. A step
 whose gradient norm is not finite is skipped (never written into the LoRA) and counted in `learner/skipped_steps`.
+
+Learner group (`learner.num_workers > 1`, docs/cluster.md): after `join_group` every rank builds the same batch and
+chunks (same seed, same generator) and runs its contiguous share of each chunk's micro-batches, every row weighted by
+1 / rows of the whole chunk; the LoRA gradients are summed over ranks in micro-batch order before clipping and the
+AdamW step (rlalign/distributed.py). Every rank then holds the gradient one learner would, bit for bit, and takes the
+same step. Rank 0 exports weights and writes checkpoints; every rank loads them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from rlalign import distributed
 from rlalign.algos import get_algorithm
 from rlalign.algos.common import num_rows, slice_rows
 from rlalign.checkpoint import fsync_tree
@@ -61,6 +68,15 @@ class Learner:
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0
         self.updates = 0
+        self.rank, self.world_size = 0, 1
+
+    def join_group(self, rank: int, world_size: int, address: str, port: int) -> int:
+        """Become `rank` of a learner group of `world_size` (rendezvous at rank 0's address:port); every rank starts
+        from rank 0's LoRA. Collectives time out after ray.call_timeout_s, so a dead rank fails the others."""
+        distributed.init_group(rank, world_size, address, port, self.parts.device, self.run_cfg.ray.call_timeout_s)
+        self.rank, self.world_size = rank, world_size
+        distributed.broadcast_params(self.params)
+        return rank
 
     def _denoiser_kwargs(self) -> dict[str, Any]:
         layer = getattr(self.run_cfg.ncp, "layer", None)
@@ -104,8 +120,11 @@ class Learner:
         metrics["learner/skipped_steps"] = float(skipped)
         if self.scaler.is_enabled():
             metrics["learner/grad_scale"] = float(self.scaler.get_scale())
-        metrics["cost/learner_unet_rows"] = float(self.model.rows - rows_before)
-        metrics["cost/learner_unet_grad_rows"] = float(self.model.grad_rows - grad_rows_before)
+        cost = (self.model.rows - rows_before, self.model.grad_rows - grad_rows_before)
+        if self.world_size > 1:  # U-Net rows of the whole group
+            cost = tuple(map(sum, zip(*distributed.gather_objects(cost))))
+        metrics["cost/learner_unet_rows"] = float(cost[0])
+        metrics["cost/learner_unet_grad_rows"] = float(cost[1])
         metrics["time/learn_s"] = time.perf_counter() - start
         self.version += 1
         self.updates += 1
@@ -124,19 +143,36 @@ class Learner:
         return grad_norm if ok else None
 
     def _accumulate(self, batch: Any) -> tuple[float, dict[str, float]]:
-        """Forward/backward over micro-batches; returns the chunk's mean loss and row-weighted metrics."""
+        """Forward/backward over micro-batches; returns the chunk's mean loss and row-weighted metrics.
+
+        In a group each rank runs its contiguous share of the micro-batches one learner would cut, keeps each one's
+        gradient apart, and `distributed.ordered_sum` adds them over ranks in micro-batch order, as autograd adds
+        them in one learner: the sum, the loss and the metrics are bit-for-bit the lone learner's (float addition is
+        not associative; any other order drifts by rounding, which AdamW magnifies where a gradient is near 0).
+        """
         rows = num_rows(batch)
         size = self.cfg.micro_batch_size
-        total, metrics = 0.0, {}
-        for lo in range(0, rows, size):
+        cuts = list(range(0, rows, size))
+        group = self.world_size > 1
+        terms: list[tuple[float, dict[str, float]]] = []  # per micro-batch: loss and metrics, weighted by share
+        grads: list[torch.Tensor] = []  # group only: per micro-batch flat gradients of this rank
+        for lo in cuts[slice(*distributed.shard(len(cuts), self.rank, self.world_size))]:
             mb = slice_rows(batch, lo, min(lo + size, rows))
             share = num_rows(mb) / rows
             out = self.algo.loss(self.algo.forward(self.model, mb, self.algo_cfg), self.algo_cfg)
             if out.loss.requires_grad:  # rows the algorithm masks out (TailorPO std < min_std) leave no graph
                 self.scaler.scale(out.loss * share).backward()
-            total += float(out.loss.detach()) * share
-            for k, v in out.metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) * share
+                if group:
+                    grads.append(distributed.take_grads(self.params))
+            terms.append((float(out.loss.detach()) * share, {k: float(v) * share for k, v in out.metrics.items()}))
+        if group:
+            distributed.ordered_sum(self.params, grads)
+            terms = [term for part in distributed.gather_objects(terms) for term in part]
+        total, metrics = 0.0, {}
+        for loss, parts in terms:
+            total += loss
+            for k, v in parts.items():
+                metrics[k] = metrics.get(k, 0.0) + v
         return total, metrics
 
     # ------------------------------------------------------------------ weights
