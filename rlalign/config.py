@@ -12,9 +12,12 @@ method; a method reads only its own section).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -98,7 +101,13 @@ class RewardSpec:
     weight: float = 1.0
     path: str | None = None  # local weights dir (digit_prompt: None uses the embedded model's classifier)
     url: str | None = None  # for name=http: base URL of a reward server
-    token: str | None = None  # bearer token for name=http
+    # name=http: the bearer token, given one way of three. token_env (the name of an environment variable) or
+    # token_file (a file holding the token) are the recommended ones: `preflight` reads them on the driver, and a
+    # saved config keeps only the name or path. A plain token works but is redacted wherever the config is printed
+    # or saved, so a run resumed from its config.yaml needs it again (see `redacted`).
+    token_env: str | None = None
+    token_file: str | None = None
+    token: str | None = field(default=None, repr=False)
     normalize: str = "none"  # none | running | group
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -413,6 +422,7 @@ def validate(cfg: RunCfg) -> None:
             fail(f"{key}.url", "a reward with name=http needs url (e.g. http://127.0.0.1:8000)")
         if spec.url and not spec.url.startswith(("http://", "https://")):
             fail(f"{key}.url", f"must start with http:// or https://, got {spec.url!r}")
+        _check_token_keys(key, spec)
         if spec.path is not None and not REWARDS[spec.name].weights:
             fail(f"{key}.path", f"reward {spec.name!r} has no weights; remove path (got {spec.path!r})")
     for i, spec in enumerate(cfg.eval.audit):
@@ -434,6 +444,28 @@ def validate(cfg: RunCfg) -> None:
         fail("prompts.path", f"prompts.source=file needs an existing prompt file, got {cfg.prompts.path!r}")
     if cfg.prompts.source == "file" and cfg.prompts.eval_path and not Path(cfg.prompts.eval_path).is_file():
         fail("prompts.eval_path", f"file {cfg.prompts.eval_path} does not exist")
+
+
+def _check_token_keys(key: str, spec: RewardSpec) -> None:
+    """At most one token source, only for name=http; a token_env is a variable's name; no token left redacted.
+
+    Messages never quote the values: a token pasted into token_env by mistake is not echoed to the terminal.
+    """
+    given = [k for k in ("token", "token_env", "token_file") if getattr(spec, k) not in (None, REDACTED)]
+    if given and spec.name != "http":
+        raise ConfigError(f"{key}.{given[0]}: only a reward with name=http sends a token (this one is {spec.name!r})")
+    if len(given) > 1:
+        raise ConfigError(f"{key}.{given[1]}: give the token one way, not {' and '.join(given)}")
+    if spec.token_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spec.token_env):
+        raise ConfigError(
+            f"{key}.token_env: must be the NAME of an environment variable (letters, digits, _) that holds the "
+            "token, not the token itself"
+        )
+    if spec.token == REDACTED and not (spec.token_env or spec.token_file):
+        raise ConfigError(
+            f"{key}.token: this config was saved with its token redacted (rlalign never writes secrets); in the "
+            "config file replace `token` with token_env: VAR (an environment variable holding it) or token_file: PATH"
+        )
 
 
 def _check_actor_resources(key: str, num_cpus: float, num_gpus: float, resources: dict[str, float]) -> None:
@@ -459,6 +491,8 @@ def preflight(cfg: RunCfg) -> None:
     reward weights directories, `lora.init_from` (a complete .safetensors holding U-Net LoRA tensors of rank
     `lora.rank`) and the resume checkpoint (JSON state, LoRA file, optimizer.pt loadable with weights_only=True,
     so no pickle code runs). Only headers and small files are read; the U-Net itself loads in the actors.
+
+    It also reads each http reward's token from its token_env / token_file into `spec.token` (`read_token`).
     """
     from rlalign.prompts import load_prompts
 
@@ -483,6 +517,8 @@ def preflight(cfg: RunCfg) -> None:
         except (OSError, ValueError) as err:
             fail("model.path", str(err).splitlines()[0])
     _preflight_rewards(cfg)
+    for i, spec in enumerate(cfg.reward.models):
+        spec.token = read_token(spec, f"reward.models.{i}")
     if cfg.lora.init_from:
         from rlalign.models.loading import check_lora_file
 
@@ -518,8 +554,83 @@ def _preflight_rewards(cfg: RunCfg) -> None:
             raise ConfigError(f"{key}: reward {spec.name!r} loads its weights from a local directory holding {needs}")
 
 
+def read_token(spec: RewardSpec, key: str) -> str | None:
+    """The bearer token `spec` sends: from the environment variable `token_env`, the file `token_file`, or `token`.
+
+    Where it is read: on the driver, by `preflight`, which stores it in `spec.token`; the reward actor gets it
+    inside its RewardSpec (constructor arguments travel through Ray's own channels and are never printed), and the
+    HTTP client is built there with it. So only the driver's node needs the variable or the file: under
+    `ray job submit` or a KubeRay RayJob the driver is the job's entrypoint on the head node, so set the variable
+    in the head node's environment (a Kubernetes secret as an env var, or the environment of `ray start --head`),
+    or give token_file a path on the head node. The worker nodes never need it, and the token never has to be
+    written into a runtime_env (which the Ray dashboard shows). Surrounding whitespace (a file's trailing newline)
+    is dropped. Raises ConfigError `<key>.token_env|token_file: <why>` without quoting any token.
+    """
+    if spec.token_env:
+        value = os.environ.get(spec.token_env)
+        if value is None:
+            raise ConfigError(
+                f"{key}.token_env: environment variable {spec.token_env} is not set (it must be set where the "
+                "driver runs: on a cluster, the head node)"
+            )
+        if not value.strip():
+            raise ConfigError(f"{key}.token_env: environment variable {spec.token_env} is empty")
+        return value.strip()
+    if spec.token_file:
+        path = Path(spec.token_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{key}.token_file: {spec.token_file} does not exist (a file holding the token)")
+        try:
+            value = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{key}.token_file: cannot read {spec.token_file}: {type(err).__name__}") from err
+        if not value.strip():
+            raise ConfigError(f"{key}.token_file: {spec.token_file} is empty")
+        if len(value.strip().splitlines()) > 1:
+            raise ConfigError(f"{key}.token_file: {spec.token_file} must hold the token on one line")
+        return value.strip()
+    return spec.token
+
+
+# what a saved or printed config holds in place of a plain `token` (validate refuses to send it)
+REDACTED = "<redacted>"
+
+
+def redacted(cfg: RunCfg) -> RunCfg:
+    """A copy of `cfg` that is safe to print or save: every RewardSpec's token is hidden.
+
+    A token read from token_env / token_file becomes None (the name or path stays, so a resumed run reads it
+    again); a plain token becomes REDACTED, which `validate` refuses with a message saying to use token_env or
+    token_file. Every writer goes through here: `to_yaml` (the printed config, run_dir/config.yaml, each
+    checkpoint's config.yaml) and the wandb config (rlalign.driver._plain).
+    """
+    out = copy.deepcopy(cfg)
+    for spec in _reward_specs(out):
+        if spec.token_env or spec.token_file:
+            spec.token = None
+        elif spec.token is not None:
+            spec.token = REDACTED
+    return out
+
+
+def _reward_specs(node: Any) -> Iterator[RewardSpec]:
+    """Every RewardSpec inside a config (reward.models, eval.audit and any section added later)."""
+    if isinstance(node, RewardSpec):
+        yield node
+    elif dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _reward_specs(getattr(node, f.name))
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _reward_specs(item)
+    elif isinstance(node, dict):
+        for item in node.values():
+            yield from _reward_specs(item)
+
+
 def to_yaml(cfg: RunCfg) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML with its secrets redacted (`redacted`): what is printed and saved."""
+    return OmegaConf.to_yaml(OmegaConf.structured(redacted(cfg)))
 
 
 def save_config(cfg: RunCfg, path: Path) -> None:
