@@ -29,6 +29,16 @@ class DifferentiableRewardModel(RewardModel, Protocol):
         ...
 
 
+@runtime_checkable
+class ImageFeatureModel(Protocol):
+    """A reward model that also exposes the image features it scores from (CLIP embeddings, a classifier's
+    penultimate layer): the monitor measures how far images moved from the base model's in this space."""
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """images [B, H, W, 3] uint8 RGB -> [B, F] float32 features."""
+        ...
+
+
 def check_images(images: np.ndarray, prompts: Sequence[str], *, dtype: type = np.uint8) -> None:
     """Raise ValueError naming what is wrong with an image batch (shape, dtype, prompt count)."""
     if not isinstance(images, np.ndarray):

@@ -278,6 +278,15 @@ class DigitPromptReward:
         with torch.no_grad():
             return torch.softmax(self.classifier(_to_nchw(images).to(self.device)), -1).cpu().numpy()
 
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """images [B, H, W, 3] uint8 -> [B, 64 * width] float32: the classifier's penultimate activations (the
+        input of its last linear layer), the space the monitor measures drift from the base model in."""
+        check_images(images, [""] * len(images))
+        trunk = self.classifier.net[:-1]  # everything before the final Linear (dropout is off in eval mode)
+        with torch.no_grad():
+            x = self.classifier.preprocess(_to_nchw(images).to(self.device))
+            return trunk(x).cpu().numpy().astype(np.float32)
+
     def predict_digits(self, images: np.ndarray) -> np.ndarray:
         """images [B, H, W, 3] uint8 (or float32 in [0, 1]) -> [B] int64 argmax digit (for prompt accuracy)."""
         return self.probabilities(images).argmax(-1).astype(np.int64)

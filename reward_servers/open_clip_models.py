@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from reward_servers.base import check_images
 from reward_servers.torch_base import TorchReward, clip_preprocess
 from reward_servers.weights import require_dir, require_file
 
@@ -69,6 +71,12 @@ class _OpenClipReward(TorchReward):
         """[B, 3, H, W] in [0, 1] -> [B, D] unit-norm image embeddings."""
         feats = self.model.encode_image(clip_preprocess(pixels, self.image_size))
         return feats / feats.norm(dim=-1, keepdim=True)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """[B, H, W, 3] uint8 -> [B, D] float32 unit-norm CLIP image embeddings (the monitor's feature space)."""
+        check_images(images, [""] * len(images))
+        with torch.no_grad():
+            return self.embed_images(self._pixels(images)).float().cpu().numpy()
 
     def embed_prompts(self, prompts: Sequence[str]) -> Tensor:
         """B prompts -> [B, D] unit-norm text embeddings (no gradient needed: prompts are discrete)."""

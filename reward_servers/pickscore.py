@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from reward_servers.base import check_images
 from reward_servers.torch_base import CLIP_MEAN, CLIP_STD, TorchReward, clip_preprocess
 from reward_servers.weights import require_dir, require_file
 
@@ -47,9 +49,20 @@ class PickScore(TorchReward):
     def modules(self) -> list[nn.Module]:
         return [self.model]
 
-    def forward(self, pixels: Tensor, prompts: Sequence[str]) -> Tensor:
+    def embed_images(self, pixels: Tensor) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, D] PickScore image embeddings (not normalised)."""
         x = clip_preprocess(pixels, self.image_size, self.mean, self.std)
-        img = self.model.visual_projection(self.model.vision_model(pixel_values=x).pooler_output)
+        return self.model.visual_projection(self.model.vision_model(pixel_values=x).pooler_output)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """[B, H, W, 3] uint8 -> [B, D] float32 unit-norm image embeddings (the monitor's feature space)."""
+        check_images(images, [""] * len(images))
+        with torch.no_grad():
+            img = self.embed_images(self._pixels(images))
+            return (img / img.norm(dim=-1, keepdim=True)).float().cpu().numpy()
+
+    def forward(self, pixels: Tensor, prompts: Sequence[str]) -> Tensor:
+        img = self.embed_images(pixels)
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=77, return_tensors="pt")
         out = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
                                     attention_mask=tok["attention_mask"].to(self.device))  # fmt: skip

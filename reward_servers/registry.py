@@ -26,6 +26,7 @@ class RewardSpec:
     measures: str  # one line for `list_rewards()` and docs/rewards.md
     differentiable: bool
     weights: str  # files to put in the weights directory ("" when none)
+    features: bool = False  # also has `features(images) -> [B, F]` (base.ImageFeatureModel): the monitor's space
 
 
 def _attr(module: str, attr: str) -> Any:
@@ -103,24 +104,28 @@ REWARDS: dict[str, RewardSpec] = {
         "LAION aesthetic score (MLP on CLIP ViT-L/14 image embedding)",
         True,
         "open_clip_pytorch_model.bin (open_clip ViT-L-14, OpenAI weights) + sac+logos+ava1-l14-linearMSE.pth",
+        features=True,
     ),
     "clip_score": RewardSpec(
         _open_clip_model("ClipScore"),
         "prompt-image agreement: cosine of open_clip embeddings",
         True,
         "open_clip_pytorch_model.bin (open_clip checkpoint of `arch`, default ViT-L-14 OpenAI)",
+        features=True,
     ),
     "pickscore": RewardSpec(
         _pickscore,
         "human preference (PickScore, CLIP ViT-H/14 on Pick-a-Pic)",
         True,
         "PickScore_v1 config.json + model.safetensors; CLIP-ViT-H-14 processor files",
+        features=True,
     ),
     "hpsv2": RewardSpec(
         _open_clip_model("HPSv2"),
         "human preference (HPS v2 / v2.1, open_clip ViT-H-14)",
         True,
         "HPS_v2.1_compressed.pt or HPS_v2_compressed.pt",
+        features=True,
     ),
     "image_reward": RewardSpec(
         _image_reward,
@@ -133,6 +138,7 @@ REWARDS: dict[str, RewardSpec] = {
         "p(digit named in the prompt | image), small digit classifier",
         True,
         "config.json + model.safetensors (DigitClassifier.save)",
+        features=True,
     ),
     "http": RewardSpec(_http, "any reward behind `python -m reward_servers.serve` (option url=)", False, ""),
 }

@@ -79,9 +79,12 @@ class TorchReward:
         """[B, H, W, 3] uint8 -> [B] float32."""
         check_images(images, prompts)
         with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-            x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
-            return self.forward(x, list(prompts)).float().cpu().numpy().astype(np.float32)
+            return self.forward(self._pixels(images), list(prompts)).float().cpu().numpy().astype(np.float32)
+
+    def _pixels(self, images: np.ndarray) -> Tensor:
+        """[B, H, W, 3] uint8 -> [B, 3, H, W] in [0, 1], in this model's device and dtype."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
 
     def score_and_grad(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """[B, H, W, 3] float32 in [0, 1] -> (scores [B], d score_i / d image_i [B, H, W, 3]), both float32.

@@ -93,6 +93,10 @@ class SamplerCfg:
     # weights of the sampler's U-Net, VAE and text encoders: float32 | bfloat16 | float16. Log-probs, DDIM maths and
     # everything kept in the rollout stay float32 whatever this says.
     dtype: str = "float32"
+    # branching algorithms (TailorPO, TailorPO-G) train on best-of-k searches, whose reward says little about the
+    # policy itself: each sampler call also renders this many of its images plainly (no branching, same prompt and
+    # seed) and logs their reward as plain/weighted/mean (0: off; costs these images' U-Net rows, counted in cost/*)
+    plain_images: int = 4
 
 
 @dataclass
@@ -171,6 +175,9 @@ class EvalCfg:
     # audit/<name>/mean; built in the driver's process on CPU (cheap ones: brightness, jpeg, digit_prompt). The
     # digits model's independent judge is always logged as audit/judge/mean. Monitor maths: rlalign/monitor.py
     audit: list[RewardSpec] = field(default_factory=list)
+    # an image-feature model (clip_score, aesthetic, hpsv2, pickscore, digit_prompt: any reward with image features)
+    # in whose space the monitor also measures drift from the base model (monitor/drift_feature_*); None: latents only
+    features: RewardSpec | None = None
     alarm_audit_drop: float = 0.1  # an audit mean falls by more than this while the trained reward rises (0: off)
     alarm_window: int = 3  # ... measured from the first to the last of the last N evaluations
     alarm_diversity_below: float = 0.2  # within-prompt diversity below this fraction of the base model's (0: off)
@@ -323,6 +330,7 @@ _RANGES: dict[str, str] = {
     "sampler.num_cpus": ">= 0",
     "sampler.num_gpus": ">= 0",
     "sampler.prompts_per_worker": ">= 1",
+    "sampler.plain_images": ">= 0",
     "sampler.images_per_prompt": ">= 1",
     "sampler.num_steps": ">= 1",
     "sampler.guidance_scale": ">= 0",
@@ -431,6 +439,11 @@ def validate(cfg: RunCfg) -> None:
             fail(f"eval.audit.{i}.name", f"unknown or remote reward {spec.name!r}; audits run in-process: {known}")
         if spec.path is not None and not REWARDS[spec.name].weights:
             fail(f"eval.audit.{i}.path", f"reward {spec.name!r} has no weights; remove path (got {spec.path!r})")
+    if cfg.eval.features is not None:
+        spec = cfg.eval.features
+        with_features = sorted(n for n, r in REWARDS.items() if r.features)
+        if spec.name not in with_features:
+            fail("eval.features.name", f"{spec.name!r} has no image features; one of: {', '.join(with_features)}")
     if cfg.algo.startswith("ncp_") and cfg.learner.dtype != "float32":
         fail(
             "learner.dtype",

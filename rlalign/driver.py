@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,6 +75,7 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
         resumed = ckpt.read_state(ckpt.resolve_resume(cfg.run_dir, cfg.resume))["iteration"]
         if dropped := drop_rows_after(run_dir / "metrics.jsonl", int(resumed)):
             console.print(f"{dropped} metrics rows after iteration {resumed} moved to metrics_discarded.jsonl")
+        drop_rows_after(run_dir / ALARMS_FILE, int(resumed))
     model_dir = str(resolve_model_dir(cfg.model, progress=True))
     started = init_ray(cfg)
     workers: Workers | None = None
@@ -114,6 +116,9 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
     return result
 
 
+ALARMS_FILE = "alarms.jsonl"  # one {"iteration", "alarm"} row per monitor alarm; `rlalign report` reads it
+
+
 def _write_report(run_dir: Path, result: RunResult, console: Console) -> None:
     """report.html at the end of a run; a failure here costs only the page, never the run (it warns instead)."""
     import warnings
@@ -143,12 +148,13 @@ def resume_hint(run_dir: Path) -> str:
 
 
 def drop_rows_after(metrics_path: Path, iteration: int) -> int:
-    """On resume: move metrics.jsonl rows logged after the resumed checkpoint's iteration (work that checkpoint
-    does not hold, done again now) to metrics_discarded.jsonl, so no iteration appears twice. Returns the count."""
+    """On resume: move metrics.jsonl (or alarms.jsonl) rows logged after the resumed checkpoint's iteration (work
+    that checkpoint does not hold, done again now) to <name>_discarded.jsonl, so no iteration appears twice.
+    Returns the count."""
     rows = read_metrics(metrics_path)
     later = [r for r in rows if r["iteration"] > iteration]
     if later:
-        with (metrics_path.parent / "metrics_discarded.jsonl").open("a") as f:
+        with (metrics_path.parent / f"{metrics_path.stem}_discarded.jsonl").open("a") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in later)
         tmp = metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows if r["iteration"] <= iteration))
@@ -166,7 +172,9 @@ def startup_line(cfg: RunCfg, run_dir: Path) -> str:
 def _plain(cfg: RunCfg) -> Any:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    from rlalign.config import redacted  # the wandb config: secrets hidden as in config.yaml
+
+    return OmegaConf.to_container(OmegaConf.structured(redacted(cfg)))
 
 
 def _write_curve(run_dir: Path) -> None:
@@ -183,6 +191,8 @@ class Loop:
         self.prompts = PromptSource(cfg.prompts, seed=cfg.seed)
         self.evaluator = Evaluator(model_dir) if (Path(model_dir) / "digit_classifier").is_dir() else None
         self.audits = _make_audits(cfg, model_dir)
+        self.features = _make_feature_model(cfg, model_dir)
+        self._last_eval: tuple[int, str, dict[str, float]] | None = None  # (weights version, grid file, metrics)
         e = cfg.eval
         rules = AlarmRules(e.alarm_audit_drop, e.alarm_window, e.alarm_diversity_below, e.alarm_drift_above)
         self.monitor = Monitor(rules)
@@ -226,25 +236,38 @@ class Loop:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, iteration: int, tag: str) -> dict[str, float]:
+        """Held-out evaluation of the current weights. The "after" evaluation of weights already evaluated (a run
+        stopped by an alarm or its time budget right after a mid-run evaluation) reuses that one: rendering the
+        same prompts and seeds again would give the same images and log the same monitor row (and alarm) twice."""
         cfg = self.cfg
+        if tag == "after" and self._last_eval is not None and self._last_eval[0] == self.version:
+            _, grid, out = self._last_eval
+            shutil.copyfile(grid, self.run_dir / "images" / f"eval_after_iter_{iteration:06d}.png")
+            return {**out, "eval/reused": 1.0}
         batches = eval_batches(cfg.prompts, cfg.eval.images_per_prompt, cfg.eval.seed, len(self.w.samplers))
         rollouts = self.w.samplers.get(self.w.samplers.generate(batches, branch=False), "sampler (evaluation)")
         images = np.concatenate([r.images for r in rollouts])
         prompts = [p for r in rollouts for p in r.prompts]
         comps = self.w.rewards.components(images, prompts)
         out = {f"eval/{k}/mean": float(v.mean()) for k, v in comps.items()}
-        rw = self.w.rewards
-        out["eval/weighted/mean"] = float(sum(s.weight * comps[n] for s, n in zip(rw.specs, rw.names)).mean())
+        out["eval/weighted/mean"] = float(self.w.rewards.weighted(comps).mean())
         if self.evaluator is not None:
             out.update(self.evaluator.metrics(images, prompts))
             out["audit/judge/mean"] = out["eval/judge_accuracy"]  # never trained on: the digits model's audit
         for name, model in self.audits.items():
             out[f"audit/{name}/mean"] = float(np.asarray(model.score(images, list(prompts)), dtype=np.float64).mean())
-        out.update(self._monitor(iteration, tag, rollouts, out))
-        save_image_grid(images[:40], prompts[:40], self.run_dir / "images" / f"eval_{tag}_iter_{iteration:06d}.png")
+        features = None
+        if self.features is not None:
+            features = torch.from_numpy(np.asarray(self.features.features(images), dtype=np.float32))
+        out.update(self._monitor(iteration, tag, rollouts, out, features))
+        grid = self.run_dir / "images" / f"eval_{tag}_iter_{iteration:06d}.png"
+        save_image_grid(images[:40], prompts[:40], grid)
+        self._last_eval = (self.version, str(grid), dict(out))
         return out
 
-    def _monitor(self, iteration: int, tag: str, rollouts: list[Rollout], out: dict[str, float]) -> dict[str, float]:
+    def _monitor(
+        self, iteration: int, tag: str, rollouts: list[Rollout], out: dict[str, float], features: torch.Tensor | None
+    ) -> dict[str, float]:
         """Drift and diversity against the base model's render of the same prompts and seeds, and the alarms.
         A fresh run's "before" evaluation is the base (cached on the driver and in monitor_base.pt for resumes)."""
         seeds = torch.cat([r.seeds for r in rollouts])
@@ -253,13 +276,15 @@ class Loop:
         base_file = self.run_dir / "monitor_base.pt"
         if tag == "before" and self.monitor.base_latents is None:
             if self.cfg.resume is None:
-                self.monitor.set_base(seeds, groups, final)
+                self.monitor.set_base(seeds, groups, final, features)
                 torch.save(self.monitor.base_state(), base_file)
             elif base_file.is_file():
                 self.monitor.load_base_state(torch.load(base_file, weights_only=True))
-        metrics = self.monitor.observe(iteration, seeds, groups, final, out["eval/weighted/mean"], out)
+        metrics = self.monitor.observe(iteration, seeds, groups, final, out["eval/weighted/mean"], out, features)
         for msg in self.monitor.fired(iteration):
             self.console.print(f"[bold red]ALARM[/] (monitor, iteration {iteration}): {msg}")
+            with (self.run_dir / ALARMS_FILE).open("a") as f:  # kept for `rlalign report` on a later day
+                f.write(json.dumps({"iteration": iteration, "alarm": msg}) + "\n")
         return metrics
 
     # ------------------------------------------------------------------ main loop
@@ -327,7 +352,9 @@ class Loop:
             self._save(it - 1)
         result.last_checkpoint = self.last_ckpt
         result.after = self.evaluate(it, "after")
-        self.sink.log(it, result.after)
+        if "eval/reused" not in result.after:  # a reused evaluation is already in metrics.jsonl
+            self.sink.log(it, result.after)
+        result.after.pop("eval/reused", None)
         self.console.print("after:  " + _fmt(result.after))
         result.monitor, result.alarms = self.monitor.history, self.monitor.alarms
         return result
@@ -454,6 +481,17 @@ class Loop:
             self.console.print(f"[red]could not save a final checkpoint ({err}); earlier checkpoints are intact[/]")
 
 
+def _make_feature_model(cfg: RunCfg, model_dir: str) -> Any:
+    """eval.features: the image-feature model of the monitor's feature drift, in the driver's process on CPU."""
+    from rlalign.actors import make_reward_model
+
+    spec = cfg.eval.features
+    if spec is None:
+        return None
+    cpu = replace(spec, num_gpus=0.0, options={k: v for k, v in spec.options.items() if k != "device"})
+    return make_reward_model(cpu, model_dir)
+
+
 def _make_audits(cfg: RunCfg, model_dir: str) -> dict[str, Any]:
     """eval.audit models, built in the driver's process on CPU (audits score a few hundred held-out images per
     evaluation: meant for cheap rewards). A name used twice gets its index: audit/jpeg/mean, audit/jpeg_1/mean."""
@@ -535,6 +573,8 @@ def monitor_table(rows: list[dict[str, float]]) -> Table:
         ("monitor/drift_latent_p90", "drift p90"),
         ("monitor/diversity_ratio", "diversity / base"),
     ]
+    if any("monitor/drift_feature_mean" in r for r in rows):
+        cols.insert(-1, ("monitor/drift_feature_mean", "feature drift"))
     table = Table(title="monitor (held-out evaluations; drift = RMS latent distance from the base model)")
     table.add_column("iteration", justify="right")
     for _, title in cols:

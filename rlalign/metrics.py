@@ -64,30 +64,48 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def grid_tile_size(h: int, w: int, target: int = 128) -> tuple[int, int]:
+    """Displayed tile size: small images (digits' 32 px) upscaled by an integer factor to about `target` px, large
+    ones (SD's 512+) shrunk to `target` px wide, so a 40-image grid stays a few hundred kB whatever the model."""
+    if w <= target:
+        scale = max(1, target // w)
+        return h * scale, w * scale
+    return max(1, round(h * target / w)), target
+
+
 def save_image_grid(
-    images: np.ndarray, captions: Sequence[str], path: Path, *, columns: int = 8, scale: int = 4
+    images: np.ndarray, captions: Sequence[str], path: Path, *, columns: int = 8, tile: int = 128
 ) -> Path:
-    """[B, H, W, 3] uint8 -> a PNG grid, each tile upscaled `scale`x (nearest) with its caption beneath."""
+    """[B, H, W, 3] uint8 -> a PNG grid, each tile resized to about `tile` px (grid_tile_size) with its caption
+    beneath, plus `<name>.json` beside it: each tile's box in the PNG and its full caption, so a page (the run report)
+    can show tiles with captions in real text instead of the PNG's 6-px bitmap font."""
     from PIL import Image, ImageDraw
 
     b, h, w, _ = images.shape
     columns = max(1, min(columns, b))
     rows = math.ceil(b / columns)
-    tile_w, tile_h, text_h = w * scale, h * scale, 12
+    tile_h, tile_w = grid_tile_size(h, w, tile)
+    text_h = 12
     cell_w = max(tile_w, 6 * max((len(c) for c in captions), default=1) // 2)
     # captions wrap at spaces (a word is split only when it alone is wider than the cell): at least two lines
     lines = [textwrap.wrap(c, width=max(1, cell_w // 6)) or [""] for c in captions]
     n_lines = max(2, *(len(ls) for ls in lines)) if lines else 2
     grid = Image.new("RGB", (columns * cell_w, rows * (tile_h + text_h * n_lines)), "white")
     draw = ImageDraw.Draw(grid)
+    boxes = []
     for i, (img, cap_lines) in enumerate(zip(images, lines)):
         r, c = divmod(i, columns)
         x0, y0 = c * cell_w, r * (tile_h + text_h * n_lines)
-        grid.paste(Image.fromarray(img).resize((tile_w, tile_h), Image.NEAREST), (x0 + (cell_w - tile_w) // 2, y0))
+        left = x0 + (cell_w - tile_w) // 2
+        resample = Image.NEAREST if tile_w >= w else Image.LANCZOS  # crisp pixels up, no aliasing down
+        grid.paste(Image.fromarray(img).resize((tile_w, tile_h), resample), (left, y0))
+        boxes.append([left, y0, left + tile_w, y0 + tile_h])
         for j, line in enumerate(cap_lines):
             draw.text((x0 + 1, y0 + tile_h + j * text_h), line, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    sidecar = {"captions": list(captions[: len(boxes)]), "boxes": boxes}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
 
 

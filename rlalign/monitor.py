@@ -7,6 +7,9 @@ feeds it once per evaluation (rlalign/driver.py `Loop.evaluate`). Shape letters:
 - Distance between two latents is the RMS difference, ||a - b||_2 / sqrt(C*h*w): comparable across latent sizes.
 - Drift: per-image distance between the current policy's final latent and the base model's, for the same prompt
   and seed (matched by seed). Logged as mean, p50 and p90.
+- Feature drift (when `eval.features` names an image-feature model, e.g. clip_score or digit_prompt): the same
+  pairs, as the cosine distance 1 - cos(f_now, f_base) of the model's image features, in [0, 2]; mean, p50, p90.
+  Latent RMS says how much the pixels moved; the feature distance says how much of it a perception model sees.
 - Diversity: within a prompt group, the mean pairwise distance of its final latents, averaged over groups with
   at least 2 images. `monitor/diversity_ratio` = now / base.
 - Alarms (each 0 turns it off): an audit mean falls by more than `audit_drop` while the trained reward rises,
@@ -30,6 +33,21 @@ def rms_distance(a: Tensor, b: Tensor) -> Tensor:
     """a, b [B, C, h, w] -> [B] float64: ||a - b||_2 / sqrt(C*h*w)."""
     d = (a.double() - b.double()).flatten(1)
     return d.pow(2).mean(dim=1).sqrt()
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """a, b [B, F] -> [B] float64: 1 - cos(a_i, b_i); 0 for identical directions, 2 for opposite ones."""
+    a, b = a.double(), b.double()
+    cos = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+    return (1.0 - cos).clamp_min(0.0)  # rounding can leave -1e-16 for identical directions
+
+
+def _summary(prefix: str, d: np.ndarray) -> dict[str, float]:
+    return {
+        f"{prefix}_mean": float(d.mean()),
+        f"{prefix}_p50": float(np.percentile(d, 50)),
+        f"{prefix}_p90": float(np.percentile(d, 90)),
+    }
 
 
 def diversity(latents: Tensor, group_ids: Tensor) -> float:
@@ -85,20 +103,26 @@ class Monitor:
     base_seeds: Tensor | None = None  # [B] int64
     base_latents: Tensor | None = None  # [B, C, h, w] final latents of the base model
     base_diversity: float = math.nan
+    base_features: Tensor | None = None  # [B, F] image features of the base model's images (eval.features)
     history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation (with `iteration`)
     alarms: list[tuple[int, str]] = field(default_factory=list)  # (iteration, sentence) of every alarm fired
 
-    def set_base(self, seeds: Tensor, group_ids: Tensor, latents: Tensor) -> None:
+    def set_base(self, seeds: Tensor, group_ids: Tensor, latents: Tensor, features: Tensor | None = None) -> None:
         self.base_seeds, self.base_latents = seeds.clone(), latents.float().clone()
         self.base_diversity = diversity(latents, group_ids)
+        self.base_features = None if features is None else features.float().clone()
 
     def base_state(self) -> dict[str, Tensor]:
         assert self.base_seeds is not None and self.base_latents is not None
-        return {"seeds": self.base_seeds, "latents": self.base_latents, "diversity": torch.tensor(self.base_diversity)}
+        state = {"seeds": self.base_seeds, "latents": self.base_latents, "diversity": torch.tensor(self.base_diversity)}
+        if self.base_features is not None:
+            state["features"] = self.base_features
+        return state
 
     def load_base_state(self, state: dict[str, Tensor]) -> None:
         self.base_seeds, self.base_latents = state["seeds"], state["latents"]
         self.base_diversity = float(state["diversity"])
+        self.base_features = state.get("features")
 
     def observe(
         self,
@@ -108,20 +132,23 @@ class Monitor:
         latents: Tensor,
         trained: float,
         metrics: dict[str, float],
+        features: Tensor | None = None,
     ) -> dict[str, float]:
         """One evaluation: final latents [B, C, h, w] with their seeds [B] and prompt groups [B], the trained
-        reward's mean, and the evaluation's metrics (its `audit/*` keys are watched). Returns `monitor/*` metrics
-        and records the row; alarms fired are in `self.alarms` and as `monitor/alarm` 1.0."""
+        reward's mean, the evaluation's metrics (its `audit/*` keys are watched) and, optionally, image features
+        [B, F]. Returns `monitor/*` metrics and records the row; alarms fired are in `self.alarms` and as
+        `monitor/alarm` 1.0."""
         out: dict[str, float] = {}
         if self.base_latents is not None and self.base_seeds is not None:
             index = {int(s): i for i, s in enumerate(self.base_seeds.tolist())}
             rows = [(i, index[int(s)]) for i, s in enumerate(seeds.tolist()) if int(s) in index]
             if rows:
-                now_i, base_i = zip(*rows)
-                d = rms_distance(latents[list(now_i)], self.base_latents[list(base_i)]).numpy()
-                out["monitor/drift_latent_mean"] = float(d.mean())
-                out["monitor/drift_latent_p50"] = float(np.percentile(d, 50))
-                out["monitor/drift_latent_p90"] = float(np.percentile(d, 90))
+                now_i, base_i = (list(x) for x in zip(*rows))
+                d = rms_distance(latents[now_i], self.base_latents[base_i]).numpy()
+                out.update(_summary("monitor/drift_latent", d))
+                if features is not None and self.base_features is not None:
+                    f = cosine_distance(features[now_i], self.base_features[base_i]).numpy()
+                    out.update(_summary("monitor/drift_feature", f))
         div = diversity(latents, group_ids)
         out["monitor/diversity"] = div
         if math.isfinite(self.base_diversity) and self.base_diversity > 0:

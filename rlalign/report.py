@@ -38,14 +38,19 @@ figcaption { font-size: 0.9em; color: #444; overflow-wrap: break-word; }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
 .pair img, .grid img { image-rendering: pixelated; }
 .alarm { color: #b00020; font-weight: bold; } .muted { color: #666; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 10px; }
+.card { border: 1px solid #ddd; padding: 6px; } .card p { margin: 0 0 4px 0; font-size: 0.92em; }
+.card .two { display: grid; grid-template-columns: 1fr 1fr; gap: 4px; } .card img { width: 100%; height: auto; }
+.card span { font-size: 0.8em; color: #666; }
 """
 
 # (title, which metric keys it draws, what it shows)
 CURVES: list[tuple[str, Callable[[str], bool], str]] = [
     (
-        "Trained reward on training samples",
-        lambda k: k.startswith("reward/") and k.endswith("/mean") and "group_std" not in k,
-        "mean reward of the images the learner trained on (rendered with the algorithm's sampling, e.g. branching)",
+        "Trained reward: training samples vs plain samples",
+        lambda k: (k.startswith("reward/") and k.endswith("/mean") and "group_std" not in k) or k.startswith("plain/"),
+        "reward/: the images the learner trained on, rendered with the algorithm's sampling (TailorPO: best-of-k "
+        "searches, high from the start); plain/: the policy's own plain samples, the curve that shows learning",
     ),
     (
         "Held-out evaluation (plain samples)",
@@ -84,6 +89,8 @@ def write_report(
     if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{run} is not a run directory: it holds neither config.yaml nor metrics.jsonl")
     rows = read_metrics(run / "metrics.jsonl")
+    if not alarms:  # the sentences the run wrote as they fired (rlalign/driver.py ALARMS_FILE)
+        alarms = [(int(r["iteration"]), str(r["alarm"])) for r in read_metrics(run / "alarms.jsonl")]
     cfg, defaults = _configs(run)
     body = [
         _summary(run, cfg, rows, wall_s),
@@ -171,17 +178,48 @@ def _grids(run: Path) -> str:
         "<p>The same held-out prompts and seeds rendered by the model before training (left) and after it "
         "(right): tile <i>i</i> on the left and tile <i>i</i> on the right share prompt and initial noise.</p>"
     )
-    cells = []
-    for label, paths in (("before", before[:1]), ("after", after[-1:])):
-        if paths:
-            cells.append(_figure(paths[0], f"{label}: {paths[0].name}"))
-        else:
-            cells.append(f"<p class='muted'>no {label} grid</p>")
-    out = f"<h2>Held-out images, before and after</h2>{note}<div class='pair'>{''.join(cells)}</div>"
+    cards = _cards(before[0], after[-1]) if before and after else ""
+    if cards:
+        note = (
+            "<p>The same held-out prompts and seeds rendered by the model before training (left of each pair) and "
+            f"after it (right): both tiles of a pair share prompt and initial noise. Grids: {_e(before[0].name)}, "
+            f"{_e(after[-1].name)}.</p>"
+        )
+        out = f"<h2>Held-out images, before and after</h2>{note}{cards}"
+    else:  # grids written before the tiles' sidecar existed: the two grids side by side
+        cells = []
+        for label, paths in (("before", before[:1]), ("after", after[-1:])):
+            if paths:
+                cells.append(_figure(paths[0], f"{label}: {paths[0].name}"))
+            else:
+                cells.append(f"<p class='muted'>no {label} grid</p>")
+        out = f"<h2>Held-out images, before and after</h2>{note}<div class='pair'>{''.join(cells)}</div>"
     if mid:
         figs = "".join(_figure(p, f"during training: {p.name}") for p in mid)
         out += f"<h3>During training</h3><div class='plots grid'>{figs}</div>"
     return out
+
+
+def _cards(before: Path, after: Path) -> str:
+    """One card per held-out image: its prompt as page text, then the before and after tiles cut out of the two
+    grids (their boxes are in each grid's .json sidecar); "" when a sidecar is missing or the two disagree."""
+    from PIL import Image
+
+    sides = [_read_json(p.with_suffix(".json")) for p in (before, after)]
+    if not all(s.get("boxes") for s in sides) or sides[0].get("captions") != sides[1].get("captions"):
+        return ""
+    with Image.open(before) as b_img, Image.open(after) as a_img:
+        grids = [b_img.convert("RGB"), a_img.convert("RGB")]
+    cards = []
+    for i, caption in enumerate(sides[0]["captions"]):
+        tiles = []
+        for label, grid, side in zip(("before", "after"), grids, sides):
+            buf = io.BytesIO()
+            grid.crop(tuple(side["boxes"][i])).save(buf, format="PNG")
+            tiles.append(f"<figure><img alt='{label}: {_e(caption)}' src='{_data_uri(buf.getvalue())}'>"
+                         f"<span>{label}</span></figure>")  # fmt: skip
+        cards.append(f"<div class='card'><p>{_e(caption)}</p><div class='two'>{''.join(tiles)}</div></div>")
+    return f"<div class='cards'>{''.join(cards)}</div>"
 
 
 def _curves(rows: list[dict[str, float]]) -> str:

@@ -115,10 +115,13 @@ class RewardSet:
             out[name] = scores
         return out
 
+    def weighted(self, comps: dict[str, np.ndarray]) -> np.ndarray:
+        """The raw (never normalised) weighted sum of components: comparable across iterations and runs."""
+        return sum(s.weight * comps[n] for s, n in zip(self.specs, self.names)).astype(np.float32)
+
     # StepScorer interface (sampler-side ranking and gradient guidance): raw weighted sums
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        comps = self.components(images, prompts)
-        return sum(s.weight * comps[n] for s, n in zip(self.specs, self.names)).astype(np.float32)
+        return self.weighted(self.components(images, prompts))
 
     def score_and_grad(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         plist = list(prompts)
@@ -149,6 +152,8 @@ class RewardSet:
             metrics[f"reward/{name}/std"] = float(raw.std())
             total += spec.weight * self._normalise(spec, name, raw, gids)
         metrics["reward/weighted/mean"] = float(total.mean())
+        if rollout.step_pairs is None:  # plainly sampled: the policy's own reward (a branching sampler logs its own)
+            metrics["plain/weighted/mean"] = float(self.weighted(comps).mean())
         metrics["reward/group_std_mean"] = float(np.mean([total[gids == g].std() for g in np.unique(gids)]))
         return ScoredRollouts(
             rollout=rollout,

@@ -180,6 +180,8 @@ class Sampler:
             )
         seconds = time.perf_counter() - start
         metrics = {"time/sampler_call_s": seconds, "sampler/images_per_s": len(batch) / max(seconds, 1e-9)}
+        if branching is not None and self.cfg.plain_images > 0:
+            metrics.update(self._plain_reward(batch))
         metrics["cost/sampler_unet_rows"] = float(self.unet_rows - rows_before)  # summed over samplers per iteration
         metrics.update({f"sampler/std/step_{j:02d}": s for j, s in enumerate(stds)})
         return Rollout(
@@ -198,6 +200,19 @@ class Sampler:
             step_pairs=step_pairs,
             metrics=metrics,
         )
+
+    def _plain_reward(self, batch: PromptBatch) -> dict[str, float]:
+        """The policy's own reward next to the search's: `sampler.plain_images` of this batch's images (spread over
+        its prompts) rendered again without branching, from the same seeds, and scored by the same rewards (raw
+        weighted sum, as the candidates are ranked). Their U-Net rows count in this call's cost."""
+        assert self.scorer is not None
+        n = min(self.cfg.plain_images, len(batch))
+        idx = torch.arange(n) * (len(batch) // n)
+        sub = PromptBatch([batch.prompts[i] for i in idx.tolist()], batch.group_ids[idx], batch.seeds[idx])
+        t0 = time.perf_counter()
+        plain = self.generate(sub, branch=False)
+        scores = np.asarray(self.scorer.score(plain.images, plain.prompts), dtype=np.float64)
+        return {"plain/weighted/mean": float(scores.mean()), "time/sampler_plain_s": time.perf_counter() - t0}
 
     def _noise(self, gens: list[torch.Generator], k: int) -> Tensor:
         """[k, B, C, h, w] standard normal, drawn per image from its own generator (batch-independent)."""

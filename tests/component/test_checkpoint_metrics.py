@@ -145,7 +145,7 @@ def test_metric_sink_tensorboard_writes_events(tmp_path: Path) -> None:
 def test_save_image_grid_size_and_content(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
-    path = save_image_grid(images, ["a"] * 5, tmp_path / "grids" / "g.png", columns=4, scale=2)
+    path = save_image_grid(images, ["a"] * 5, tmp_path / "grids" / "g.png", columns=4, tile=32)
     assert path.is_file()
     with Image.open(path) as grid:
         assert grid.format == "PNG"
@@ -155,11 +155,23 @@ def test_save_image_grid_size_and_content(tmp_path: Path) -> None:
     # tile 0 at the origin, nearest-neighbour upscaled 2x; tile 4 starts the second row
     np.testing.assert_array_equal(arr[0:32:2, 0:32:2], images[0])
     np.testing.assert_array_equal(arr[56 : 56 + 32 : 2, 0:32:2], images[4])
+    # the sidecar: each tile's box and caption, for the report's HTML captions
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["captions"] == ["a"] * 5 and side["boxes"][4] == [0, 56, 32, 88]
+    x0, y0, x1, y1 = side["boxes"][1]
+    np.testing.assert_array_equal(arr[y0:y1:2, x0:x1:2], images[1])
+
+
+def test_save_image_grid_shrinks_large_images(tmp_path: Path) -> None:
+    images = np.full((2, 512, 512, 3), 200, dtype=np.uint8)  # SD-sized: tiles 128 px wide, not 2048
+    path = save_image_grid(images, ["p", "q"], tmp_path / "g.png")
+    with Image.open(path) as grid:
+        assert grid.size == (2 * 128, 128 + 24)
 
 
 def test_save_image_grid_widens_cells_for_long_captions(tmp_path: Path) -> None:
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
-    path = save_image_grid(images, ["x" * 40, "y"], tmp_path / "g.png", columns=8, scale=1)
+    path = save_image_grid(images, ["x" * 40, "y"], tmp_path / "g.png", columns=8, tile=8)
     with Image.open(path) as grid:
         assert grid.size == (2 * 120, 8 + 24)  # cell width 6 * 40 // 2 = 120 > tile width 8
 

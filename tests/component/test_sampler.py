@@ -215,11 +215,17 @@ def test_branching_records_ranked_pairs_and_continues_from_the_winner(tiny_overr
     assert torch.equal(sp.x_w, r.latents[:, 1:])
     assert torch.equal(sp.x_t, r.latents[:, :-1])
     assert not torch.equal(sp.x_w[sp.valid], sp.x_l[sp.valid])
-    # one scorer call per step, each over all k candidates of every row
-    assert scorer.calls == [k * b] * t
+    # one scorer call per step, each over all k candidates of every row; then the plain images' reward
+    n = min(cfg.sampler.plain_images, b)
+    assert n > 0 and scorer.calls == [k * b] * t + [n]
     # plain sampling on the same sampler neither branches nor scores
     plain = sampler.generate(batch, branch=False)
-    assert plain.step_pairs is None and len(scorer.calls) == t
+    assert plain.step_pairs is None and len(scorer.calls) == t + 1
+    # plain/weighted/mean is the reward of exactly these images (same seeds, no branching), spread over the batch
+    idx = (torch.arange(n) * (b // n)).tolist()
+    expected = scorer.inner.score(plain.images[idx], [batch.prompts[i] for i in idx])
+    assert r.metrics["plain/weighted/mean"] == pytest.approx(float(np.mean(expected.astype(np.float64))), abs=1e-6)
+    assert float(np.mean(expected)) != pytest.approx(float(sp.reward_w[:, -1].mean()), abs=1e-4)  # not the search
 
 
 def test_branching_ties_are_invalid(tiny_overrides: list[str]) -> None:

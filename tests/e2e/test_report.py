@@ -88,6 +88,11 @@ def test_report_of_a_tiny_run_in_headless_chromium(tiny_overrides: list[str], tm
     )
     assert "sampler.num_steps 20 4" in text  # config diff: tiny.yaml sets 4 steps, the digits preset 20
     assert "Held-out images, before and after" in text
+    # before/after pairs as cards: each held-out prompt in page text (not a bitmap), with its two tiles
+    side = json.loads((result.run_dir / "images" / "eval_before_iter_000000.png").with_suffix(".json").read_text())
+    assert page.count("<div class='card'>") == len(side["captions"]) >= 8
+    assert all(f" {html.unescape(c)} before after " in f" {text} " for c in side["captions"][:8])
+    assert "plain/weighted/mean" in text  # TailorPO's search reward and the policy's own plain-sample reward
 
     shot = tmp_path / "report.png"
     _run_chromium(f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars", report.as_uri())
@@ -114,7 +119,10 @@ def test_monitor_table_and_alarms_from_metrics(tmp_path: Path) -> None:
          "monitor/alarm": 1.0},
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    page = write_report(tmp_path, alarms=[(1, "audit/judge/mean fell by 0.19 while the trained reward rose")])
+    # the sentence as the run persisted it (driver.ALARMS_FILE): a report written later, without the run, shows it
+    alarm = {"iteration": 1, "alarm": "audit/judge/mean fell by 0.19 while the trained reward rose"}
+    (tmp_path / driver.ALARMS_FILE).write_text(json.dumps(alarm) + "\n")
+    page = write_report(tmp_path)
     text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.read_text())))
     assert "iteration audit/judge/mean monitor/diversity_ratio alarm" in text
     assert "1 0.41 0.37 ALARM" in text and "0 0.6 " in text
@@ -144,7 +152,7 @@ def test_grid_captions_wrap_at_spaces(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
     captions = ["a handwritten digit seven", "a drawing of the digit 3"]
-    save_image_grid(np.zeros((2, 8, 8, 3), dtype=np.uint8), captions, tmp_path / "g.png", scale=4)
+    save_image_grid(np.zeros((2, 8, 8, 3), dtype=np.uint8), captions, tmp_path / "g.png", tile=32)
     # every word comes back whole and in order, and long captions take more than one line
     assert [w for line in drawn for w in line.split()] == [w for c in captions for w in c.split()]
     assert len(drawn) > len(captions)

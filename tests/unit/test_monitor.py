@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlalign.monitor import AlarmRules, Monitor, check_alarms, diversity, rms_distance
+from rlalign.monitor import AlarmRules, Monitor, check_alarms, cosine_distance, diversity, rms_distance
 
 
 def _lat(*values: float) -> torch.Tensor:
@@ -46,6 +46,29 @@ def test_drift_matches_images_by_seed_and_diversity_ratio() -> None:
     d = mon.observe(2, torch.tensor([10, 11, 12, 13]), torch.tensor([0, 0, 1, 1]), _lat(0, 2, 0, 6), 0.0, {})
     assert d["monitor/drift_latent_mean"] == pytest.approx(1.0) and d["monitor/drift_latent_p50"] == 0.0
     assert d["monitor/drift_latent_p90"] == pytest.approx(2.8)
+
+
+def test_cosine_distance_by_hand() -> None:
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 5.0], [-3.0, -4.0], [1.0, 0.0]])
+    # same direction 0; orthogonal 1; opposite 2; 45 degrees 1 - 1/sqrt(2)
+    assert cosine_distance(a, b).tolist() == pytest.approx([0.0, 1.0, 2.0, 1 - 1 / math.sqrt(2)])
+
+
+def test_feature_drift_matches_by_seed_and_survives_the_base_state_round_trip() -> None:
+    mon = Monitor(AlarmRules())
+    base_f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    mon.set_base(torch.tensor([7, 8, 9]), torch.tensor([0, 0, 0]), _lat(0, 0, 0), base_f)
+    again = Monitor(AlarmRules())
+    again.load_base_state(mon.base_state())  # what a resumed run reads from monitor_base.pt
+    # seed 9 now points the other way (distance 2), seed 7 unchanged in direction (0), seed 8 rotated 90 (1)
+    now_f = torch.tensor([[-1.0, -1.0], [5.0, 0.0], [1.0, 0.0]])
+    out = again.observe(0, torch.tensor([9, 7, 8]), torch.tensor([0, 0, 0]), _lat(0, 0, 0), 0.0, {}, now_f)
+    assert out["monitor/drift_feature_mean"] == pytest.approx(1.0)
+    assert out["monitor/drift_feature_p50"] == pytest.approx(1.0)
+    assert out["monitor/drift_feature_p90"] == pytest.approx(1.8)  # 1 + 0.8 * (2 - 1)
+    no_features = again.observe(1, torch.tensor([9, 7, 8]), torch.tensor([0, 0, 0]), _lat(0, 0, 0), 0.0, {})
+    assert "monitor/drift_feature_mean" not in no_features
 
 
 def test_no_base_means_no_drift_metrics() -> None:

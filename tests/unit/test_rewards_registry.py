@@ -88,3 +88,22 @@ def test_tiny_builds_through_registry(tmp_path: Path) -> None:
 def test_http_needs_a_url() -> None:
     with pytest.raises(ValueError, match="url="):
         make_reward("http")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in REWARDS.items() if r.features))
+def test_rewards_with_features_return_one_row_per_image(name: str, tmp_path: Path) -> None:
+    """Every reward the registry says has image features (the monitor's eval.features) has them: [B, F] float32,
+    the same image twice gives the same row, and the features respond to the image."""
+    if name == "digit_prompt":
+        from reward_servers.digit_prompt import DigitClassifier
+
+        DigitClassifier(image_size=16).save(tmp_path / "clf")
+        model = make_reward(name, path=str(tmp_path / "clf"))
+    else:
+        model = make_reward(name, tiny=True, **({"path": str(tmp_path / "w")} if name == "pickscore" else {}))
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    imgs = np.concatenate([noise, noise, np.zeros_like(noise)])
+    f = model.features(imgs)
+    assert f.dtype == np.float32 and f.ndim == 2 and f.shape[0] == 3 and f.shape[1] > 1
+    assert np.array_equal(f[0], f[1]) and not np.allclose(f[0], f[2])
