@@ -121,7 +121,9 @@ def plot_reward_curve(rows: list[dict[str, float]], path: Path, *, keys: Sequenc
         or sorted(
             k
             for k in {k for r in rows for k in r}
-            if k.startswith(("reward/", "eval/")) and k.endswith(("/mean", "accuracy")) and "group_std" not in k
+            if k.startswith(("reward/", "plain/", "eval/"))
+            and k.endswith(("/mean", "accuracy"))
+            and "group_std" not in k
         )
     )
     if not rows or not keys:
