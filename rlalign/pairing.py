@@ -56,7 +56,7 @@ def all_pairs_above_margin(group_ids: Tensor, scores: Tensor, margin: float) -> 
 
 
 def group_normalize(group_ids: Tensor, scores: Tensor, eps: float = 1e-8, clamp: float | None = 5.0) -> Tensor:
-    """Per-group advantage `(s - mean_g) / (std_g + eps)`, clamped to [-clamp, clamp] (DDPO per-prompt stats).
+    """Per-group advantage `(s - mean_g) / (std_g + eps)`, clamped to [-clamp, clamp] (DDPO, docs/algorithms.md 10).
 
     std is the population std (numpy's default, as ddpo-pytorch); a single-row group gets advantage 0.
     scores [B] -> [B] float32 on the scores' device.
@@ -74,11 +74,11 @@ def group_normalize(group_ids: Tensor, scores: Tensor, eps: float = 1e-8, clamp:
 
 
 def step_best_vs_worst(rewards: Tensor, tie_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """TailorPO step-level ranking of k candidates branched from one x_t (docs/algorithms/tailorpo.md 2.3).
+    """TailorPO step-level ranking of k candidates branched from one x_t (docs/algorithms.md section 5).
 
     rewards [k, B] step-wise rewards -> (win_idx [B], lose_idx [B], valid [B] bool): best vs worst candidate of
     each row; `valid` is False when `max - min <= tie_eps` (ties give no pair). For invalid rows the indices are
-    still argmax/argmin (the sampler may continue from a random candidate instead).
+    still argmax/argmin, and the sampler still continues from win_idx (the first of equal maxima).
     """
     if rewards.ndim != 2 or rewards.shape[0] < 2:
         raise ValueError(f"need rewards [k >= 2, B], got {tuple(rewards.shape)}")

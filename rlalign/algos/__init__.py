@@ -1,6 +1,7 @@
 """Alignment algorithms by registered name; each module holds its config dataclass and build_batch/forward/loss.
 
-Imports only torch and rlalign (no diffusers, peft or ray). See `rlalign.algos.common` for the contract.
+Imports only torch and rlalign (no diffusers, peft or ray). See `rlalign.algos.common` for the contract and
+docs/algorithms.md for the maths of each.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Shared pieces of every alignment algorithm: the loss record, the logistic preference loss, the model contract.
 
 Pure maths: imports only torch (and numpy). The learner is the only caller that holds a real model; it passes it
-in through the `DiffusionModel` protocol below, so every algorithm is testable with a tiny stand-in.
+in through the `DiffusionModel` protocol below, so every algorithm is testable with a tiny stand-in. The maths of
+every algorithm, and the derivations the unit tests rely on: docs/algorithms.md.
 
 The algorithm contract (one module per method, registered in `rlalign.algos.ALGORITHMS`):
 
@@ -51,7 +52,7 @@ def logistic_preference_loss(logits: Tensor, beta: float) -> LossOutput:
     """-log sigmoid(beta * logits), mean over pairs.
 
     logits [P] > 0: the policy favours the winner more than the reference does. With policy == reference
-    the logits are 0 and the loss is exactly ln 2.
+    the logits are 0 and the loss is exactly ln 2 (docs/algorithms.md sections 3-4).
     """
     acc = (logits > 0).float().mean() + 0.5 * (logits == 0).float().mean()
     return LossOutput(

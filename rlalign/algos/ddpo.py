@@ -10,10 +10,10 @@ The log-ratio is clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO] before exp, so a sta
 overflow the ratio to inf (and -A * inf = NaN when A = 0, e.g. a single-image group); such rows lie far outside
 the clip range, and the clamp only stops their gradient.
 
-Steps whose DDIM std < min_std are excluded (docs/algorithms/digits-calibration.md: tiny-std steps dominate the
-score-function
-gradient); they stay in the batch with zero loss and zero gradient so micro-batch means equal the full-batch
-mean. log-probs are means over C,h,w (as ddpo-pytorch). Not a preference loss (is_preference=False).
+Steps whose DDIM std < min_std are excluded (docs/algorithms.md section 10, measured in
+docs/algorithms/digits-calibration.md: tiny-std steps dominate the score-function gradient); they stay in the
+batch with zero loss and zero gradient so micro-batch means equal the full-batch mean. log-probs are means over
+C,h,w (as ddpo-pytorch). Not a preference loss (is_preference=False).
 Shapes: B images, T steps, N = B*T rows, C/h/w latents. Imports only torch and rlalign.
 """
 

@@ -1,5 +1,5 @@
 """Diffusion-DPO (Wallace et al., arXiv 2311.12908), online: best vs worst image of each group
-(docs/algorithms/dde.md 1).
+(docs/algorithms.md section 7; derivation in docs/algorithms/dde.md 1).
 
 Winner and loser final latents are re-noised at a shared (t, noise); the policy is rewarded for beating the
 reference's winner-loser gap in per-sample denoising error (the ELBO surrogate of DPO on p(x0)):

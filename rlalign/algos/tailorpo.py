@@ -2,17 +2,17 @@
 
 At each denoising step the sampler draws k candidates x_{t-1} from the shared x_t, ranks them by the step-wise
 reward of their one-step x0_hat, and stores (x_t, x^w, x^l). The learner applies DPO to the exact DDIM transition
-log-ratios (docs/algorithms/tailorpo.md 1.3, 2.4):
+log-ratios (docs/algorithms.md sections 2.5 and 5; design note docs/algorithms/tailorpo.md 2.4):
 
     lr(x) = log pi_theta(x|x_t) - log pi_ref(x|x_t) = mean_{C,h,w}(2 (x - mu_ref) d - d^2) / (2 sigma_t^2),
     d = mu_theta - mu_ref = b_t (eps_theta - eps_ref)   (CFG-guided eps, same guidance scale as the sampler)
     z = beta (lr(x^w) - lr(x^l)),   L = mean over pairs of -log sigmoid(z)
 
 TailorPO-G moves the winner along the reward gradient before storing it (`guided_candidate`,
-docs/algorithms/tailorpo.md 3).
-Choices where the paper could not be read (config fields unless noted): eta and CFG w are the sampler's own (the
-batch carries the rollout's values, `Rollout.eta`/`guidance_scale`), beta on mean-reduced
-log-probs, no ratio clip, k > 2 uses best vs worst, ties (gap <= tie_eps) give no pair, steps with DDIM
+docs/algorithms.md section 6; docs/algorithms/tailorpo.md 3).
+Choices where the paper could not be read (docs/algorithms.md section 11; config fields unless noted): eta and
+CFG w are the sampler's own (the batch carries the rollout's values, `Rollout.eta`/`guidance_scale`), beta on
+mean-reduced log-probs, no ratio clip, k > 2 uses best vs worst, ties (gap <= tie_eps) give no pair, steps with DDIM
 std < min_std excluded (docs/algorithms/digits-calibration.md), `rms_sigma` guidance normalisation with eta_g 0.1.
 Excluded rows (std < min_std) are kept in the batch with logit 0 and no gradient, so a fresh LoRA still gives
 exactly ln 2 and micro-batch means still equal the full-batch mean (gradient is scaled by the kept fraction).

@@ -6,7 +6,7 @@ Pure maths, imports only torch. Adapted from diffusers 0.42.1 `DDIMScheduler.ste
 - returns the Gaussian's mean and std instead of one sample, so a caller can draw k candidates from one x_t
   (`mean + std * noise`) or score a given x_{t-1} (`prev_sample=`);
 - log-probabilities: Gaussian log-density **mean over all non-batch dims** ([B,C,h,w] -> [B]), as ddpo-pytorch,
-  D3PO and SPO (docs/algorithms/tailorpo.md 1.3); every beta in rlalign is defined against this mean;
+  D3PO and SPO (docs/algorithms.md section 2.4); every beta in rlalign is defined against this mean;
 - clip_sample / thresholding are rejected (ValueError): clipping x0_hat makes the mean non-linear in the model
   output and kills gradients, and no rlalign config uses it; `use_clipped_model_output` is not offered;
 - `check_scheduler` is the one place that accepts or refuses a scheduler (also used by the model loader):
@@ -15,7 +15,7 @@ Pure maths, imports only torch. Adapted from diffusers 0.42.1 `DDIMScheduler.ste
 Coefficients are computed in float64 from `scheduler.alphas_cumprod`, then cast to the compute dtype
 (float32 for float32/bf16/fp16 inputs, float64 for float64 inputs).
 
-Notation (docs/algorithms/tailorpo.md 1.2): abar_t = alphas_cumprod[t], s = prev timestep, abar_s = alphas_cumprod[s] or
+Notation (docs/algorithms.md sections 1-2): abar_t = alphas_cumprod[t], s = prev timestep, abar_s = alphas_cumprod[s] or
 `final_alpha_cumprod` when s < 0;
     x0_hat = (x_t - sqrt(1 - abar_t) e) / sqrt(abar_t)                     (epsilon prediction)
     x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v,  e = sqrt(abar_t) v + sqrt(1 - abar_t) x_t   (v_prediction)
@@ -188,7 +188,7 @@ def ddim_std(scheduler: Any, timestep: Tensor | int, eta: float, batch: int, dev
 def ddim_mean_coeffs(
     scheduler: Any, timestep: Tensor | int, eta: float, batch: int, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(a_t, b_t, sigma_t) [B] float64 with `mu = a_t * x_t + b_t * model_output` (docs/algorithms/tailorpo.md 1.2).
+    """(a_t, b_t, sigma_t) [B] float64 with `mu = a_t * x_t + b_t * model_output` (docs/algorithms.md section 2.3).
 
     The mean is linear in the model output for every prediction type, so the policy-vs-reference mean gap is
     exactly `b_t * (out_theta - out_ref)`: the `d` of the stable log-ratio (`log_ratio`).
@@ -255,7 +255,7 @@ def ddim_step_with_logprob(
     `randn(generator)` (drawn like diffusers: shape/dtype of model_output, on the generator's device, then moved),
     which equals `DDIMScheduler.step(..., eta=eta, variance_noise=z).prev_sample`. With `prev_sample` it scores
     that sample instead (no noise drawn; the returned sample is `prev_sample` itself). log_prob is the Gaussian
-    log-density mean-reduced over C,h,w (docs/algorithms/tailorpo.md 1.3); gradients flow only through the mean.
+    log-density mean-reduced over C,h,w (docs/algorithms.md section 2.4); gradients flow only through the mean.
     """
     mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
@@ -269,7 +269,7 @@ def ddim_step_with_logprob(
 
 
 def log_ratio(x: Tensor, mu_ref: Tensor, d: Tensor, std: Tensor) -> Tensor:
-    """log pi_theta(x|x_t) - log pi_ref(x|x_t) [B], exact and stable (docs/algorithms/tailorpo.md 1.3 d-form).
+    """log pi_theta(x|x_t) - log pi_ref(x|x_t) [B], exact and stable (docs/algorithms.md section 2.5).
 
     x, mu_ref, d = mu_theta - mu_ref: [B,C,h,w]; std [B] (shared by both policies since sigma_t does not depend
     on theta). lr = mean_{C,h,w}(2 (x - mu_ref) d - d^2) / (2 sigma^2), computed in fp32 (fp64 for fp64).
@@ -297,7 +297,7 @@ def add_noise(alphas_cumprod: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> T
 
 def ddpm_step(alphas_cumprod: Tensor, model_output: Tensor, t: Tensor, sample: Tensor, noise: Tensor) -> Tensor:
     """One DDPM ancestral step t -> t-1 ("fixed_small" variance, epsilon prediction, no clipping)
-    (docs/algorithms/ncp.md 1.1).
+    (docs/algorithms.md section 2.7; docs/algorithms/ncp.md 1.1).
 
         x0_hat = (x_t - sqrt(1-abar_t) e)/sqrt(abar_t);  a = abar_t/abar_s;  b = 1 - a   (s = t-1; abar_s=1 if s<0)
         mu = sqrt(abar_s) b/(1-abar_t) x0_hat + sqrt(a) (1-abar_s)/(1-abar_t) x_t;  sig^2 = (1-abar_s)/(1-abar_t) b
