@@ -10,8 +10,9 @@ Branching (TailorPO, docs/algorithms/tailorpo.md 2.3): at every step k candidate
 x_t, each is
 scored by the step-wise reward (on its predicted x0, the noisy sample itself, or the final image of a
 deterministic completion: `reward.target`), the best continues the trajectory, and the (best, worst) pair is
-stored. TailorPO-G (3.1-3.3) moves the best candidate along the reward gradient, chained from the reward model's
-pixel gradient through the VAE decoder and the x0-hat map.
+stored. TailorPO-G moves the best candidate along the reward gradient, chained from the reward model's pixel
+gradient through the VAE decoder and the x0-hat map (docs/algorithms.md section 6; docs/algorithms/tailorpo.md
+3.1-3.3).
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ class Sampler:
     def _guide(
         self, cfg: BranchCfg, x_w: Tensor, s: Tensor, cond: Tensor, prompts: list[str], std: Tensor, sign: float = 1.0
     ) -> Tensor:
-        """x^+ = x^w + sign * eta_g * normalise(d reward / d x^w), chained through x0-hat and the VAE decoder (3.2)."""
+        """x^+ = x^w + sign * eta_g * normalise(d reward / d x^w), chained through x0-hat and the VAE decoder
+        (docs/algorithms.md section 6)."""
 
         assert self.scorer is not None
         x = x_w.detach().requires_grad_(True)
