@@ -17,6 +17,7 @@ import contextlib
 import functools
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from reward_servers.base import RewardServer
 from rlalign.config import RewardSpec, RunCfg
-from rlalign.learner import Learner
+from rlalign.distributed import free_port
+from rlalign.learner import LOAD_FILES, Learner
 from rlalign.models.loading import load_parts
 from rlalign.resources import RoleAsk, describe, role_asks
 from rlalign.rewards import RewardSet
@@ -215,16 +217,83 @@ class SamplerPool:
                 err = again
 
 
+class LearnerGroup:
+    """`learner.num_workers` learner actors forming one torch.distributed group; what the driver calls.
+
+    One actor (the default) forms no group and runs exactly as a lone learner. With more, every rank runs its share
+    of each chunk's micro-batches and gradients are summed in order (rlalign/learner.py, rlalign/distributed.py).
+    `update` and `load` run on every rank, `save` and `export_weights` on rank 0 only (all ranks hold the same LoRA
+    and optimiser state).
+    Calls return their results, except `export_weights`: rank 0's ObjectRef, read by every sampler. A rank that
+    fails is named; the others then fail their next collective within ray.call_timeout_s.
+    """
+
+    def __init__(self, actors: list[Any], timeout_s: float) -> None:
+        self.actors, self.timeout_s = actors, timeout_s
+
+    def form_group(self) -> None:
+        """Rendezvous at rank 0's node IP and a port free there; each rank starts from rank 0's LoRA."""
+        if len(self.actors) == 1:
+            return
+        address, port = gather([self.actors[0].__ray_call__.remote(_rendezvous)], self.timeout_s, "learner 0")[0]
+        n = len(self.actors)
+        self._on_all([a.join_group.remote(r, n, address, port) for r, a in enumerate(self.actors)], "group start-up")
+
+    def update(self, scored: Any) -> dict[str, float]:
+        """One update on every rank; the metrics (whole-group values, the same on every rank) of rank 0."""
+        if len(self.actors) > 1:
+            scored = ray.put(scored)  # one object-store copy, read by every rank
+        metrics: dict[str, float] = self._on_all([a.update.remote(scored) for a in self.actors], "update")[0]
+        return metrics
+
+    def export_weights(self) -> Any:
+        return self.actors[0].export_weights.remote()
+
+    def save(self) -> dict[str, bytes]:
+        """Rank 0's checkpoint files (relative path -> bytes); the driver writes them (rlalign/checkpoint.py)."""
+        files: dict[str, bytes] = gather([self.actors[0].save_files.remote()], self.timeout_s, "learner (checkpoint)")[
+            0
+        ]
+        return files
+
+    def load(self, directory: Path) -> int:
+        """Every rank loads checkpoint `directory`, read here on the driver (one object-store copy of its bytes);
+        returns the weights version."""
+        files = ray.put({name: (directory / name).read_bytes() for name in LOAD_FILES if (directory / name).is_file()})
+        return int(self._on_all([a.load_files.remote(files, str(directory)) for a in self.actors], "load")[0])
+
+    def info(self) -> dict[str, Any]:
+        return {**gather([self.actors[0].info.remote()], self.timeout_s, "learner")[0], "workers": len(self.actors)}
+
+    def _on_all(self, refs: list[Any], what: str) -> list[Any]:
+        """Results in rank order; the first rank to fail is raised at once (its peers would only time out)."""
+        if len(refs) == 1:
+            return gather(refs, self.timeout_s, "learner")
+        rank = {ref: i for i, ref in enumerate(refs)}
+        pending, deadline = list(refs), time.monotonic() + self.timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise ActorFailure(f"learner group {what} did not answer within {self.timeout_s:.0f} s")
+            gather(ready, self.timeout_s, f"learner {rank[ready[0]]} ({what})")
+        return gather(refs, self.timeout_s, "learner")
+
+
+def _rendezvous(_learner: Any) -> tuple[str, int]:
+    """Runs inside rank 0: the address its peers reach it at."""
+    return str(ray.util.get_node_ip_address()), free_port()
+
+
 @dataclass
 class Workers:
     samplers: SamplerPool
-    learner: Any
+    learner: LearnerGroup
     reward_actors: list[Any]
     rewards: RewardSet
     placement_groups: list[PlacementGroup]
 
     def kill(self) -> None:
-        for actor in [*self.samplers, self.learner, *self.reward_actors]:
+        for actor in [*self.samplers, *self.learner.actors, *self.reward_actors]:
             with contextlib.suppress(Exception):  # already dead: nothing left to stop
                 ray.kill(actor)
         for pg in self.placement_groups:
@@ -301,26 +370,40 @@ def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[Sam
     return SamplerPool(spawn, s.num_workers, cfg.ray.max_actor_restarts, cfg.ray.call_timeout_s), pgs
 
 
-def spawn_learner(cfg: RunCfg, model_dir: str) -> Any:
+def spawn_learner(cfg: RunCfg, model_dir: str) -> LearnerGroup:
+    """`learner.num_workers` learner actors, placed and joined into one group (same seed: same batches)."""
     lc = cfg.learner
     model = replace(cfg.model, path=model_dir)
     make_parts = functools.partial(
         load_parts, model, cfg.lora, cfg.sampler.num_steps, dtype=lc.dtype, role="learner", num_gpus=lc.num_gpus
     )
-    return LearnerActor.options(
-        num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=dict(lc.resources) or None
-    ).remote(cfg, make_parts, seed=cfg.seed)
+    actors = [
+        LearnerActor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=dict(lc.resources) or None).remote(
+            cfg, make_parts, seed=cfg.seed
+        )
+        for _ in range(lc.num_workers)
+    ]
+    group = LearnerGroup(actors, cfg.ray.call_timeout_s)
+    ask = next(a for a in role_asks(cfg) if a.role == "learner")
+    try:
+        wait_placed(actors, ask, cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
+        group.form_group()
+    except ActorFailure:
+        for actor in actors:
+            with contextlib.suppress(Exception):  # already dead: nothing left to stop
+                ray.kill(actor)
+        raise
+    return group
 
 
 def spawn_workers(cfg: RunCfg, model_dir: str) -> Workers:
     rewards, reward_actors = spawn_rewards(cfg, model_dir)
     samplers, pgs = spawn_samplers(cfg, model_dir, rewards)
-    learner = spawn_learner(cfg, model_dir)
-    workers = Workers(samplers, learner, reward_actors, rewards, pgs)
+    workers = Workers(samplers, LearnerGroup([], cfg.ray.call_timeout_s), reward_actors, rewards, pgs)
     asks = {a.role: a for a in role_asks(cfg)}
     try:
+        workers.learner = spawn_learner(cfg, model_dir)
         wait_placed(list(samplers), asks["samplers"], cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
-        wait_placed([learner], asks["learner"], cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
     except ActorFailure:
         workers.kill()
         raise
@@ -422,7 +505,7 @@ def _node_of(_actor: Any) -> str:
 
 def placement(workers: Workers, timeout_s: float) -> dict[str, Any]:
     """Node id and device of every actor, by role (written to the run's placement.json; multi-node tests read it)."""
-    roles = {"samplers": workers.samplers, "learner": [workers.learner], "rewards": workers.reward_actors}
+    roles = {"samplers": workers.samplers, "learner": workers.learner.actors, "rewards": workers.reward_actors}
     out: dict[str, Any] = {
         role: gather([a.__ray_call__.remote(_node_of) for a in actors], timeout_s, f"{role} placement")
         for role, actors in roles.items()

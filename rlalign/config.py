@@ -136,6 +136,9 @@ class LearnerCfg:
     micro_batch_size: int = 8  # training rows per forward/backward; losses are averaged exactly over the batch
     epochs: int = 1  # passes over each iteration's batch
     optimizer_steps: int = 1  # optimiser steps per pass (the batch is split into this many shuffled chunks)
+    # learner actors in one torch.distributed group (gloo on CPU, NCCL on GPU): each runs a share of every chunk's
+    # micro-batches, gradients are summed, same LoRA as one learner (docs/cluster.md); num_cpus etc. are per learner
+    num_workers: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -343,6 +346,7 @@ _RANGES: dict[str, str] = {
     "learner.micro_batch_size": ">= 1",
     "learner.epochs": ">= 1",
     "learner.optimizer_steps": ">= 1",
+    "learner.num_workers": ">= 1",
     "learner.num_cpus": ">= 0",
     "learner.num_gpus": ">= 0",
     "ray.max_policy_lag": ">= 0",
@@ -512,6 +516,12 @@ def preflight(cfg: RunCfg) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
+    from rlalign.checkpoint import is_remote, resolve_out_dir
+
+    try:
+        resolve_out_dir(cfg.out_dir)  # a relative path under `ray job submit --working-dir` is refused
+    except ValueError as err:
+        fail("out_dir", str(err))
     if cfg.prompts.source == "file":
         for key, eval_split in (("prompts.path", False), ("prompts.eval_path", True)):
             if eval_split and not cfg.prompts.eval_path:
@@ -539,7 +549,7 @@ def preflight(cfg: RunCfg) -> None:
             check_lora_file(cfg.lora.init_from, cfg.lora.rank)
         except (OSError, ValueError) as err:
             fail("lora.init_from", str(err))
-    if cfg.resume is not None:
+    if cfg.resume is not None and not is_remote(cfg.out_dir):  # a remote run is checked once fetched (driver)
         from rlalign.checkpoint import resolve_resume
         from rlalign.models.loading import check_checkpoint
 

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rlalign import checkpoint as ckpt
-from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, restarts_of, spawn_workers
+from rlalign.actors import ActorFailure, Workers, init_ray, placement, restarts_of, spawn_workers
 from rlalign.config import RunCfg, preflight, resources_line, save_config, summary, to_yaml
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
@@ -66,13 +66,20 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
     console = console or Console()
     start = time.perf_counter()
     preflight(cfg)  # every file the config names, opened before Ray starts (the CLI has already run it: cheap)
-    if cfg.resume is not None and cfg.resume != ckpt.LATEST:
-        ckpt.resolve_resume(cfg.run_dir, cfg.resume)  # fail before any work when the path is wrong
-    run_dir = prepare_run_dir(cfg)
+    cfg = replace(cfg, out_dir=ckpt.resolve_out_dir(cfg.out_dir))  # absolute on this machine, or a URI
+    mirror = None
+    if ckpt.is_remote(cfg.out_dir):  # kept in a local mirror, copied to the URI at every checkpoint (checkpoint.py)
+        mirror = ckpt.RunMirror.open(cfg.out_dir, cfg.name, cfg.resume)
+        cfg = replace(cfg, name=mirror.local.name, resume=mirror.resume)
+        console.print(f"out_dir {mirror.url}: kept locally in {mirror.local}, copied there at every checkpoint")
+    local = cfg if mirror is None else replace(cfg, out_dir=str(mirror.local.parent))
+    if local.resume is not None and local.resume != ckpt.LATEST:
+        ckpt.resolve_resume(local.run_dir, local.resume)  # fail before any work when the path is wrong
+    run_dir = prepare_run_dir(local)
     save_config(cfg, run_dir / "config.yaml")
     console.print(startup_line(cfg, run_dir))
     if cfg.resume is not None:
-        resumed = ckpt.read_state(ckpt.resolve_resume(cfg.run_dir, cfg.resume))["iteration"]
+        resumed = ckpt.read_state(ckpt.resolve_resume(run_dir, cfg.resume))["iteration"]
         if dropped := drop_rows_after(run_dir / "metrics.jsonl", int(resumed)):
             console.print(f"{dropped} metrics rows after iteration {resumed} moved to metrics_discarded.jsonl")
         drop_rows_after(run_dir / ALARMS_FILE, int(resumed))
@@ -100,9 +107,10 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
         (run_dir / "placement.json").write_text(json.dumps(nodes, indent=2))
         console.print(
             f"actors up: {len(workers.samplers)} sampler(s) on {len(set(nodes['samplers']))} node(s), "
-            f"1 learner, {len(workers.reward_actors)} reward actor(s)"
+            f"{len(workers.learner.actors)} learner(s), {len(workers.reward_actors)} reward actor(s)"
         )
         loop = Loop(cfg, workers, sink, run_dir, model_dir, console)
+        loop.mirror = mirror
         result = loop.run()
     finally:
         sink.close()
@@ -113,6 +121,8 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
             ray.shutdown()
     result.seconds = time.perf_counter() - start
     _write_report(run_dir, result, console)
+    if mirror is not None:
+        mirror.push()
     return result
 
 
@@ -207,14 +217,15 @@ class Loop:
         self._weights: list[Any] = []  # WeightsUpdate refs of the last two broadcasts
         self._resume_sampler_weights: Any = None  # async resume: the LoRA the next in-flight batch was rendered with
         self._launched: list[Any] | None = None  # async resume: that batch, already sent
+        self.mirror: ckpt.RunMirror | None = None  # out_dir is a URI: copy the run there after every checkpoint
 
     # ------------------------------------------------------------------ set-up
     def _resume(self) -> None:
         if self.cfg.resume is None:
             return
-        path = ckpt.resolve_resume(self.cfg.run_dir, self.cfg.resume)
+        path = ckpt.resolve_resume(self.run_dir, self.cfg.resume)
         state = ckpt.read_state(path)
-        self.version = int(gather([self.w.learner.load.remote(str(path))], self.timeout, "learner")[0])
+        self.version = self.w.learner.load(path)
         self.prompts.state = PromptSourceState(**state["prompts"])
         self.w.rewards.load_state_dict(state.get("reward_stats", {}))
         self.start_iter = int(state["iteration"]) + 1
@@ -225,7 +236,7 @@ class Loop:
     def _broadcast(self) -> None:
         """One object-store copy of the learner's LoRA, read by every sampler; all must confirm the version."""
         t0 = time.perf_counter()
-        ref = self.w.learner.export_weights.remote()
+        ref = self.w.learner.export_weights()
         self._weights = [*self._weights[-1:], ref]
         versions = self.w.samplers.get(self.w.samplers.load(ref), "sampler weight load")
         if len(set(versions)) != 1:
@@ -395,7 +406,7 @@ class Loop:
             raise ActorFailure(str(err)) from err
         t_reward = time.perf_counter() - t1
         t2 = time.perf_counter()
-        metrics = gather([self.w.learner.update.remote(scored)], self.timeout, "learner")[0]
+        metrics = self.w.learner.update(scored)
         t_learn = time.perf_counter() - t2
         self.version = int(metrics.get("learner/version", self.version))
         self._broadcast()  # in async mode this queues behind the in-flight generate on each sampler
@@ -452,7 +463,7 @@ class Loop:
         if (iteration, self.version) != (done_it, done_version):
             raise RuntimeError(f"checkpoint of iteration {iteration} asked for, but {done_it} is the last completed")
         staged = ckpt.staging_dir(self.run_dir, iteration)
-        gather([self.w.learner.save.remote(str(staged))], self.timeout, "learner (checkpoint)")
+        ckpt.write_tree(staged, self.w.learner.save())  # the learner's files, through the object store
         if self._overlaps() and len(self._weights) == 2:
             _write_weights(staged / SAMPLER_LORA, ray.get(self._weights[0], timeout=self.timeout))
         state = {
@@ -463,6 +474,8 @@ class Loop:
             "seed": self.cfg.seed,
         }
         self.last_ckpt = ckpt.commit(self.run_dir, staged, iteration, state, to_yaml(self.cfg), self.cfg.log.keep_last)
+        if self.mirror is not None:
+            self.mirror.push()
         return self.last_ckpt
 
     def _save_quietly(self) -> None:

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import pickle
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,13 +36,14 @@ from safetensors.torch import load_file
 from rlalign import distributed
 from rlalign.algos import get_algorithm
 from rlalign.algos.common import num_rows, slice_rows
-from rlalign.checkpoint import fsync_tree
+from rlalign.checkpoint import fsync_tree, read_tree, write_tree
 from rlalign.config import RunCfg
 from rlalign.models.denoiser import UNetDenoiser
 from rlalign.models.loading import DiffusionParts, lora_metadata, save_diffusers_lora, save_peft_lora
 from rlalign.types import ScoredRollouts, WeightsUpdate
 
 LORA_FILE = "adapter_model.safetensors"
+LOAD_FILES = (LORA_FILE, "optimizer.pt", "learner.json")  # what `load` reads from a checkpoint
 
 
 class Learner:
@@ -212,13 +214,29 @@ class Learner:
         state = {"version": self.version, "updates": self.updates}
         state.update(extra_state or {})
         (out / "learner.json").write_text(json.dumps(state, indent=2))
-        fsync_tree(out)  # on disk before the driver's rename makes the checkpoint visible (rlalign/checkpoint.py)
+        fsync_tree(out)  # on disk before a rename makes a checkpoint visible (rlalign/checkpoint.py)
         return out
+
+    def save_files(self, extra_state: dict[str, Any] | None = None) -> dict[str, bytes]:
+        """`save` into a temporary directory of this node; its files' bytes (relative path -> bytes), for the driver
+        to write where the run lives (this node may not see that disk: rlalign/checkpoint.py)."""
+        with tempfile.TemporaryDirectory(prefix="rlalign-save-") as tmp:
+            self.save(tmp, extra_state)
+            return read_tree(Path(tmp))
+
+    def load_files(self, files: dict[str, bytes], source: str) -> int:
+        """`load` from `save_files`'s bytes, which the driver read from checkpoint `source` (named in errors)."""
+        with tempfile.TemporaryDirectory(prefix="rlalign-load-") as tmp:
+            write_tree(Path(tmp), files)
+            try:
+                return self.load(tmp)
+            except (OSError, ValueError) as err:
+                raise type(err)(str(err).replace(tmp, source)) from err
 
     def load(self, directory: str | Path) -> int:
         """Restore what `save` wrote; returns the weights version."""
         src = Path(directory)
-        missing = [f for f in (LORA_FILE, "optimizer.pt", "learner.json") if not (src / f).is_file()]
+        missing = [f for f in LOAD_FILES if not (src / f).is_file()]
         if missing:
             raise FileNotFoundError(f"checkpoint {src} is incomplete: missing {', '.join(missing)}")
         # read and check every file before changing anything, so a refused checkpoint leaves the learner as it was

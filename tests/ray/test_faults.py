@@ -210,7 +210,7 @@ def test_learner_killed_mid_save_keeps_the_previous_checkpoint(
     """The learner dies inside its 2nd save (iteration 1's checkpoint, peft file written, diffusers copy not):
     `latest` still names iter_000000, the partial one is only a `.tmp` dir, and the printed command resumes the run
     from iter_000000 to the end."""
-    _arm(monkeypatch, lambda w: [w.learner], _die_in_save, 2)
+    _arm(monkeypatch, lambda w: w.learner.actors, _die_in_save, 2)
     cfg = load_config(CONFIG, [*BASE, *tiny_overrides])
     with pytest.raises(ActorFailure, match="learner") as err:
         train(cfg, Console(quiet=True))
