@@ -38,6 +38,7 @@ figcaption { font-size: 0.9em; color: #444; overflow-wrap: break-word; }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
 .pair img, .grid img { image-rendering: pixelated; }
 .alarm { color: #b00020; font-weight: bold; } .muted { color: #666; }
+.wide { overflow-x: auto; max-width: 100%; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 10px; }
 .card { border: 1px solid #ddd; padding: 6px; } .card p { margin: 0 0 4px 0; font-size: 0.92em; }
 .card .two { display: grid; grid-template-columns: 1fr 1fr; gap: 4px; } .card img { width: 100%; height: auto; }
@@ -251,7 +252,7 @@ def _monitor(rows: list[dict[str, float]], alarms: Sequence[tuple[int, str]]) ->
     if not evals:
         return "<h2>Monitor</h2><p class='muted'>no monitor/* or audit/* metrics were logged in this run.</p>"
     has_alarm = any("monitor/alarm" in r for r in evals)
-    head = "<tr><th>iteration</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys)
+    head = "<tr><th>iteration</th>" + "".join(f"<th>{_breakable(k)}</th>" for k in keys)
     head += "<th>alarm</th></tr>" if has_alarm else "</tr>"
     body = []
     for r in evals:
@@ -270,7 +271,7 @@ def _monitor(rows: list[dict[str, float]], alarms: Sequence[tuple[int, str]]) ->
         alarm_html = "<p>no alarm fired.</p>"
     else:
         alarm_html = "<p class='muted'>no alarm metric was logged.</p>"
-    return f"<h2>Monitor</h2><table>{head}{''.join(body)}</table>{alarm_html}"
+    return f"<h2>Monitor</h2><div class='wide'><table>{head}{''.join(body)}</table></div>{alarm_html}"
 
 
 def _checkpoints(run: Path, cfg: dict[str, Any]) -> str:
@@ -471,6 +472,11 @@ def _duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     hours, m = divmod(minutes, 60)
     return f"{hours} h {m} min {s} s" if hours else f"{m} min {s} s"
+
+
+def _breakable(key: str) -> str:
+    """A metric key that may wrap after `/` and `_` (long monitor keys as column headers fit the page)."""
+    return _e(key).replace("/", "/<wbr>").replace("_", "_<wbr>")
 
 
 def _e(s: object) -> str:

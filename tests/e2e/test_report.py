@@ -123,7 +123,8 @@ def test_monitor_table_and_alarms_from_metrics(tmp_path: Path) -> None:
     alarm = {"iteration": 1, "alarm": "audit/judge/mean fell by 0.19 while the trained reward rose"}
     (tmp_path / driver.ALARMS_FILE).write_text(json.dumps(alarm) + "\n")
     page = write_report(tmp_path)
-    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.read_text())))
+    # <wbr>: where a long key may wrap (no space in the rendered text)
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.read_text().replace("<wbr>", ""))))
     assert "iteration audit/judge/mean monitor/diversity_ratio alarm" in text
     assert "1 0.41 0.37 ALARM" in text and "0 0.6 " in text
     assert "iteration 1: audit/judge/mean fell by 0.19 while the trained reward rose" in text
