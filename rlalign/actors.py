@@ -432,14 +432,29 @@ def wait_placed(actors: Sequence[Any], ask: RoleAsk, timeout_s: float, *, autosc
 
 
 def init_ray(cfg: RunCfg) -> bool:
-    """Join `ray.address` or start an embedded local Ray sized to the machine. Returns True if we started it."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 token auth breaks local job submits otherwise
+    """Join `ray.address` (or RAY_ADDRESS) or start an embedded local Ray sized to the machine. True if we called
+    ray.init.
+
+    Auth: only the embedded local Ray turns Ray's token auth off (RAY_AUTH_MODE=disabled unless the environment
+    already says otherwise), because Ray 2.60 enables it for new local clusters and `ray job submit` to them then
+    fails. Joining a cluster leaves RAY_AUTH_MODE and the token alone: that cluster's owner decides.
+    RAY_ADDRESS (set by `ray job submit` for its entrypoint) means joining, as it does for ray.init itself.
+    """
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
+    env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        import json
+
+        # a submitted job's own runtime_env may set these too: Ray refuses to merge a variable set twice, and the
+        # job's value wins
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+        env = {"env_vars": {k: v for k, v in env_vars.items() if k not in taken}}
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
         return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 token auth breaks local job submits otherwise
     want = (
         cfg.sampler.num_workers * cfg.sampler.num_cpus
         + cfg.learner.num_cpus
@@ -450,7 +465,7 @@ def init_ray(cfg: RunCfg) -> bool:
         num_cpus=cpus,
         num_gpus=None,
         include_dashboard=cfg.ray.include_dashboard,
-        runtime_env=env,
+        runtime_env={"env_vars": env_vars},
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
