@@ -207,6 +207,7 @@ class Loop:
         self._weights: list[Any] = []  # WeightsUpdate refs of the last two broadcasts
         self._resume_sampler_weights: Any = None  # async resume: the LoRA the next in-flight batch was rendered with
         self._launched: list[Any] | None = None  # async resume: that batch, already sent
+        self._reward_busy: dict[tuple[str, int], float] = {}  # (reward, replica) -> busy seconds last read
 
     # ------------------------------------------------------------------ set-up
     def _resume(self) -> None:
@@ -305,6 +306,7 @@ class Loop:
             self._launched = self._launch()
             self._broadcast()
         self.console.print("before: " + _fmt(result.before))
+        self._reward_load(1.0)  # the reward actors' totals so far (start-up, the "before" evaluation): the baseline
         it = self.start_iter
         budget_s, t_start = cfg.time_budget_min * 60.0, time.perf_counter()
         try:
@@ -419,6 +421,7 @@ class Loop:
                 "time/iteration_s": elapsed,
                 "throughput/images_per_s": len(rollout) / max(elapsed, 1e-9),
                 **self._faults(),
+                **self._reward_load(elapsed),
             }
         )
         if rollout.step_pairs is not None:
@@ -433,6 +436,29 @@ class Loop:
         self._trained = trained
         self._done = (it, self.version, self.w.rewards.state_dict())
         return metrics, next_pending
+
+    def _reward_load(self, seconds: float) -> dict[str, float]:
+        """Per reward model since the last call: seconds its replicas spent scoring, summed (`time/reward_busy/<name>`,
+        the driver's and the samplers' requests alike), and utilisation = busy / (replicas x `seconds`)
+        (`reward_util/<name>`): near 1, that model is the bottleneck and wants more `replicas`. Read from each
+        actor's running totals (RewardServer.stats); a restarted actor counts from 0 again. A reward actor that
+        cannot answer (restarting) costs this iteration its figures, never the run."""
+        out: dict[str, float] = {}
+        for handle in self.w.rewards.handles:
+            actors = getattr(handle, "actors", [])
+            try:
+                stats = gather([a.stats.remote() for a in actors], self.timeout, f"reward {handle.name!r} stats")
+            except ActorFailure:
+                continue
+            busy = 0.0
+            for i, st in enumerate(stats):
+                before = self._reward_busy.get((handle.name, i), 0.0)
+                busy += st["busy_s"] - before if st["busy_s"] >= before else st["busy_s"]
+                self._reward_busy[(handle.name, i)] = st["busy_s"]
+            if actors:
+                out[f"time/reward_busy/{handle.name}"] = busy
+                out[f"reward_util/{handle.name}"] = busy / (len(actors) * max(seconds, 1e-9))
+        return out
 
     def _faults(self) -> dict[str, float]:
         """Run totals: actors restarted (samplers replaced + reward actors restarted by Ray) and requests re-run
