@@ -152,7 +152,7 @@ class LearnerCfg:
 class RayCfg:
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port joins a cluster
     mode: str = "sync"  # sync (on-policy) | async (samplers render iteration k+1 while the learner trains on k)
-    max_policy_lag: int = 1  # async: a rollout may be at most this many LoRA versions behind
+    max_policy_lag: int = 1  # async: 1 = one batch in flight (rollouts 1 LoRA version behind); 0 = no overlap
     num_cpus: int | None = None  # embedded Ray: CPUs to offer (None: the machine's)
     include_dashboard: bool = False
     placement_strategy: str = "PACK"  # PACK | SPREAD for the sampler placement group
@@ -397,6 +397,12 @@ def validate(cfg: RunCfg) -> None:
             fail(key, f"got {value!r}, expected one of {', '.join(allowed)}")
     if cfg.algo not in ALGORITHMS:
         fail("algo", f"unknown algorithm {cfg.algo!r}; choose from {', '.join(sorted(ALGORITHMS))}")
+    if cfg.ray.max_policy_lag > 1:  # would silently act as 1: say so instead
+        fail(
+            "ray.max_policy_lag",
+            f"got {cfg.ray.max_policy_lag}; the async loop keeps one batch in flight, so rollouts are at most 1 "
+            "version behind: use 1 (async overlap) or 0 (no overlap)",
+        )
     # the model first: an SD config without its directory should say that, not complain about later keys
     if cfg.model.kind in ("sd15", "sdxl") and not cfg.model.path:
         fail("model.path", f"model.kind={cfg.model.kind} needs a local diffusers directory in model.path")

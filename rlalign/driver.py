@@ -247,6 +247,8 @@ class Loop:
             return {**out, "eval/reused": 1.0}
         batches = eval_batches(cfg.prompts, cfg.eval.images_per_prompt, cfg.eval.seed, len(self.w.samplers))
         rollouts = self.w.samplers.get(self.w.samplers.generate(batches, branch=False), "sampler (evaluation)")
+        if stale := sorted({r.policy_version for r in rollouts} - {self.version}):  # never the in-flight weights
+            raise ActorFailure(f"evaluation rendered with weights v{stale}, not the learner's newest v{self.version}")
         images = np.concatenate([r.images for r in rollouts])
         prompts = [p for r in rollouts for p in r.prompts]
         comps = self.w.rewards.components(images, prompts)
@@ -318,9 +320,8 @@ class Loop:
                 while it < cfg.iterations:
                     metrics, pending = self._iteration(it, pending)
                     if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
-                        if pending is not None:  # keep evaluation on the newest weights, not mid-flight ones
-                            self._drain(pending)
-                            pending = None
+                        # an in-flight batch is kept, not thrown away: each sampler runs its calls in order, so the
+                        # evaluation renders after that batch and after the newest weights' load (_broadcast)
                         metrics.update(self.evaluate(it, "mid"))
                     self.sink.log(it, metrics)
                     if cfg.log.save_every and (it + 1) % cfg.log.save_every == 0:
