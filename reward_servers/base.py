@@ -6,6 +6,7 @@ Images cross this interface as `[B, H, W, 3]` arrays: uint8 RGB for `score`, flo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -56,6 +57,7 @@ class RewardServer:
 
     def __init__(self, make_model: Callable[[], RewardModel], max_batch: int = 32) -> None:
         self.model, self.max_batch = make_model(), max_batch  # weights load inside the owning process
+        self.busy_s, self.calls, self.images = 0.0, 0, 0  # since start: what `stats` reports
 
     @property
     def differentiable(self) -> bool:
@@ -70,22 +72,36 @@ class RewardServer:
             "device": str(getattr(self.model, "device", "cpu")),
         }
 
+    def stats(self) -> dict[str, float]:
+        """Totals since start: seconds spent scoring, calls and images served. A caller that reads them twice gets
+        this server's load in between (the driver logs it per iteration: a slow reward model shows there)."""
+        return {"busy_s": self.busy_s, "calls": float(self.calls), "images": float(self.images)}
+
+    def _count(self, start: float, n: int) -> None:
+        self.busy_s += time.perf_counter() - start
+        self.calls += 1
+        self.images += n
+
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """[B, H, W, 3] uint8 -> [B] float32, in request order."""
+        start = time.perf_counter()
         check_images(images, prompts)
         n = self.max_batch
         parts = [self.model.score(images[i : i + n], list(prompts[i : i + n])) for i in range(0, len(images), n)]
+        self._count(start, len(images))
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
     def score_and_grad(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """[B, H, W, 3] float32 in [0, 1] -> (scores [B], grads [B, H, W, 3]), in request order."""
         if not isinstance(self.model, DifferentiableRewardModel) or not self.differentiable:
             raise TypeError(f"reward model {self.model.name!r} is not differentiable")
+        start = time.perf_counter()
         check_images(images, prompts, dtype=np.float32)
         n = self.max_batch
         parts = [
             self.model.score_and_grad(images[i : i + n], list(prompts[i : i + n])) for i in range(0, len(images), n)
         ]
+        self._count(start, len(images))
         return (
             np.concatenate([p[0] for p in parts]).astype(np.float32),
             np.concatenate([p[1] for p in parts]).astype(np.float32),

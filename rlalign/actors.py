@@ -69,22 +69,55 @@ class RayPending:
             ) from err
 
 
+class RaySplit:
+    """One request split over a reward model's replicas: one `RayPending` per contiguous chunk of the batch; the
+    result is the chunks' results concatenated in order, so it equals what a single replica would return."""
+
+    def __init__(self, parts: list[RayPending], grad: bool) -> None:
+        self.parts, self.grad = parts, grad
+
+    def result(self, timeout: float | None = None) -> Any:
+        outs = [p.result(timeout) for p in self.parts]
+        if self.grad:
+            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        return np.concatenate([np.asarray(o) for o in outs])
+
+
 class RayRewardHandle:
-    """A reward actor seen through the `RewardHandle` protocol (picklable: it travels into sampler actors).
+    """A reward model's actors (its `replicas`) seen through the `RewardHandle` protocol (picklable: it travels
+    into sampler actors). A batch is split into one contiguous chunk per replica, scored in parallel; a request too
+    small to split goes whole to the next replica in turn, so many small requests (samplers' branch scoring) also
+    spread over the replicas instead of queueing on one actor.
 
     `retries` counts calls this copy of the handle sent again after a death (the driver's copy: the driver's calls).
     """
 
-    def __init__(self, name: str, actor: Any, differentiable: bool, max_restarts: int = 0) -> None:
-        self.name, self.actor, self.differentiable = name, actor, differentiable
+    def __init__(self, name: str, actors: Sequence[Any], differentiable: bool, max_restarts: int = 0) -> None:
+        self.name, self.actors, self.differentiable = name, list(actors), differentiable
         self.max_restarts, self.retries = max_restarts, 0
+        self._turn = 0  # next replica for a request smaller than the replica count
 
-    def submit(self, images: np.ndarray, prompts: list[str]) -> RayPending:
-        return RayPending(self, lambda r: self.actor.score.options(max_task_retries=r).remote(images, prompts))
+    def submit(self, images: np.ndarray, prompts: list[str]) -> RayPending | RaySplit:
+        return self._send(images, prompts, "score")
 
-    def submit_grad(self, images: np.ndarray, prompts: list[str]) -> RayPending:
-        score_and_grad = self.actor.score_and_grad
-        return RayPending(self, lambda r: score_and_grad.options(max_task_retries=r).remote(images, prompts))
+    def submit_grad(self, images: np.ndarray, prompts: list[str]) -> RayPending | RaySplit:
+        return self._send(images, prompts, "score_and_grad")
+
+    def _send(self, images: np.ndarray, prompts: list[str], method: str) -> RayPending | RaySplit:
+        n = min(len(self.actors), len(images))
+        if n <= 1:
+            actor = self.actors[self._turn % len(self.actors)]
+            self._turn += 1
+            call = getattr(actor, method)
+            return RayPending(self, lambda r: call.options(max_task_retries=r).remote(images, prompts))
+        parts = []
+        for actor, rows in zip(self.actors, np.array_split(np.arange(len(images)), n)):
+            chunk, chunk_prompts = images[rows[0] : rows[-1] + 1], prompts[rows[0] : rows[-1] + 1]
+            call = getattr(actor, method)
+            parts.append(
+                RayPending(self, lambda r, c=call, x=chunk, p=chunk_prompts: c.options(max_task_retries=r).remote(x, p))
+            )
+        return RaySplit(parts, grad=method == "score_and_grad")
 
 
 def reward_device(spec: RewardSpec) -> str:
@@ -301,27 +334,33 @@ class Workers:
 
 
 def spawn_rewards(cfg: RunCfg, model_dir: str | None) -> tuple[RewardSet, list[Any]]:
-    actors = [
-        RewardActor.options(
-            num_cpus=spec.num_cpus,
-            num_gpus=spec.num_gpus,
-            max_concurrency=1,
-            max_restarts=cfg.ray.max_actor_restarts,  # Ray restarts it; RayPending sends the lost call again
-        ).remote(functools.partial(make_reward_model, spec, model_dir))
+    """`replicas` actors per reward model (each with the spec's resources); one handle per model spreads over them."""
+    groups = [
+        [
+            RewardActor.options(
+                num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus,
+                max_concurrency=1,
+                max_restarts=cfg.ray.max_actor_restarts,  # Ray restarts it; RayPending sends the lost call again
+            ).remote(functools.partial(make_reward_model, spec, model_dir))
+            for _ in range(spec.replicas)
+        ]
         for spec in cfg.reward.models
     ]
     asks = [a for a in role_asks(cfg) if a.role == "rewards"]
-    for actor, ask in zip(actors, asks):
-        wait_placed([actor], ask, cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
+    for actors, ask in zip(groups, asks):
+        wait_placed(actors, ask, cfg.ray.pending_actor_timeout_s, autoscaling=cfg.ray.autoscaling)
     # one round-trip each: surfaces a bad weights dir now, with the model's own error message
-    infos = gather([a.info.remote() for a in actors], cfg.ray.call_timeout_s, "reward actor start-up")
+    flat = [a for g in groups for a in g]
+    infos = gather([a.info.remote() for a in flat], cfg.ray.call_timeout_s, "reward actor start-up")
     names = RewardSet.component_names(list(cfg.reward.models))
-    handles = [
-        RayRewardHandle(n, a, bool(i["differentiable"]), cfg.ray.max_actor_restarts)
-        for n, a, i in zip(names, actors, infos)
-    ]
+    handles, first = [], 0  # the first replica of each model says whether it is differentiable (all are alike)
+    for name, actors in zip(names, groups):
+        differentiable = bool(infos[first]["differentiable"])
+        handles.append(RayRewardHandle(name, actors, differentiable, cfg.ray.max_actor_restarts))
+        first += len(actors)
     reward_set = RewardSet(list(cfg.reward.models), handles, timeout_s=cfg.reward.timeout_s)
-    return reward_set, actors
+    return reward_set, flat
 
 
 def branch_cfg(cfg: RunCfg) -> BranchCfg | None:
@@ -457,8 +496,8 @@ def init_ray(cfg: RunCfg) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 token auth breaks local job submits otherwise
     want = (
         cfg.sampler.num_workers * cfg.sampler.num_cpus
-        + cfg.learner.num_cpus
-        + sum(m.num_cpus for m in cfg.reward.models)
+        + cfg.learner.num_workers * cfg.learner.num_cpus
+        + sum(m.replicas * m.num_cpus for m in cfg.reward.models)
     )
     cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(want)))  # logical CPUs: may exceed cores
     ray.init(

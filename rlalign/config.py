@@ -113,6 +113,9 @@ class RewardSpec:
     token_file: str | None = None
     token: str | None = field(default=None, repr=False)
     normalize: str = "none"  # none | running | group
+    # actors serving this model, each with num_cpus/num_gpus; a batch is split over them (rlalign/actors.py
+    # RayRewardHandle). More replicas when a reward is the slowest stage (reward_util/<name> near 1)
+    replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the model
@@ -152,7 +155,7 @@ class LearnerCfg:
 class RayCfg:
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port joins a cluster
     mode: str = "sync"  # sync (on-policy) | async (samplers render iteration k+1 while the learner trains on k)
-    max_policy_lag: int = 1  # async: a rollout may be at most this many LoRA versions behind
+    max_policy_lag: int = 1  # async: 1 = one batch in flight (rollouts 1 LoRA version behind); 0 = no overlap
     num_cpus: int | None = None  # embedded Ray: CPUs to offer (None: the machine's)
     include_dashboard: bool = False
     placement_strategy: str = "PACK"  # PACK | SPREAD for the sampler placement group
@@ -398,6 +401,12 @@ def validate(cfg: RunCfg) -> None:
             fail(key, f"got {value!r}, expected one of {', '.join(allowed)}")
     if cfg.algo not in ALGORITHMS:
         fail("algo", f"unknown algorithm {cfg.algo!r}; choose from {', '.join(sorted(ALGORITHMS))}")
+    if cfg.ray.max_policy_lag > 1:  # would silently act as 1: say so instead
+        fail(
+            "ray.max_policy_lag",
+            f"got {cfg.ray.max_policy_lag}; the async loop keeps one batch in flight, so rollouts are at most 1 "
+            "version behind: use 1 (async overlap) or 0 (no overlap)",
+        )
     # the model first: an SD config without its directory should say that, not complain about later keys
     if cfg.model.kind in ("sd15", "sdxl") and not cfg.model.path:
         fail("model.path", f"model.kind={cfg.model.kind} needs a local diffusers directory in model.path")
@@ -430,6 +439,8 @@ def validate(cfg: RunCfg) -> None:
         if not math.isfinite(spec.weight):
             fail(f"{key}.weight", f"must be finite, got {spec.weight}")
         _check_actor_resources(key, spec.num_cpus, spec.num_gpus, {})
+        if spec.replicas < 1:
+            fail(f"{key}.replicas", f"must be >= 1, got {spec.replicas}")
         if spec.name == "http" and not spec.url:
             fail(f"{key}.url", "a reward with name=http needs url (e.g. http://127.0.0.1:8000)")
         if spec.url and not spec.url.startswith(("http://", "https://")):
@@ -664,7 +675,7 @@ def save_config(cfg: RunCfg, path: Path) -> None:
 def summary(cfg: RunCfg) -> dict[str, int | float]:
     """Derived sizes and the resources the run asks Ray for, printed at start-up.
 
-    cpus/gpus: sampler workers x their share + the learner + one actor per reward model (what `rlalign.actors`
+    cpus/gpus: sampler workers x their share + the learner + `replicas` actors per reward model (what `rlalign.actors`
     requests); a fractional GPU share (e.g. 0.5 per reward) counts as that fraction.
     """
     s, learner, rewards = cfg.sampler, cfg.learner, cfg.reward.models
@@ -673,18 +684,28 @@ def summary(cfg: RunCfg) -> dict[str, int | float]:
         "images_per_sampler_call": per_call,
         "images_per_iteration": per_call * s.num_workers,
         "groups_per_iteration": s.prompts_per_worker * s.num_workers,
-        "cpus": _count(s.num_workers * s.num_cpus + learner.num_cpus + sum(m.num_cpus for m in rewards)),
-        "gpus": _count(s.num_workers * s.num_gpus + learner.num_gpus + sum(m.num_gpus for m in rewards)),
+        "cpus": _count(
+            s.num_workers * s.num_cpus
+            + learner.num_workers * learner.num_cpus
+            + sum(m.replicas * m.num_cpus for m in rewards)
+        ),
+        "gpus": _count(
+            s.num_workers * s.num_gpus
+            + learner.num_workers * learner.num_gpus
+            + sum(m.replicas * m.num_gpus for m in rewards)
+        ),
     }
 
 
 def resources_line(cfg: RunCfg) -> str:
     """`asks Ray for 6 CPUs, 5.5 GPUs (GPUs: samplers 4 x 1 + learner 1 + rewards 0.5)`, from `summary`."""
     totals, s = summary(cfg), cfg.sampler
-    reward_gpus = _count(sum(m.num_gpus for m in cfg.reward.models))
+    reward_gpus = _count(sum(m.replicas * m.num_gpus for m in cfg.reward.models))
+    n = cfg.learner.num_workers
+    learner_gpus = f"{n} x {_count(cfg.learner.num_gpus)}" if n > 1 else _count(cfg.learner.num_gpus)
     return (
         f"asks Ray for {totals['cpus']} CPUs, {totals['gpus']} GPUs (GPUs: samplers {s.num_workers} x "
-        f"{_count(s.num_gpus)} + learner {_count(cfg.learner.num_gpus)} + rewards {reward_gpus})"
+        f"{_count(s.num_gpus)} + learner {learner_gpus} + rewards {reward_gpus})"
     )
 
 

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rlalign import checkpoint as ckpt
-from rlalign.actors import ActorFailure, Workers, init_ray, placement, restarts_of, spawn_workers
+from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, restarts_of, spawn_workers
 from rlalign.config import RunCfg, preflight, resources_line, save_config, summary, to_yaml
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
@@ -218,6 +218,7 @@ class Loop:
         self._resume_sampler_weights: Any = None  # async resume: the LoRA the next in-flight batch was rendered with
         self._launched: list[Any] | None = None  # async resume: that batch, already sent
         self.mirror: ckpt.RunMirror | None = None  # out_dir is a URI: copy the run there after every checkpoint
+        self._reward_busy: dict[tuple[str, int], float] = {}  # (reward, replica) -> busy seconds last read
 
     # ------------------------------------------------------------------ set-up
     def _resume(self) -> None:
@@ -257,6 +258,8 @@ class Loop:
             return {**out, "eval/reused": 1.0}
         batches = eval_batches(cfg.prompts, cfg.eval.images_per_prompt, cfg.eval.seed, len(self.w.samplers))
         rollouts = self.w.samplers.get(self.w.samplers.generate(batches, branch=False), "sampler (evaluation)")
+        if stale := sorted({r.policy_version for r in rollouts} - {self.version}):  # never the in-flight weights
+            raise ActorFailure(f"evaluation rendered with weights v{stale}, not the learner's newest v{self.version}")
         images = np.concatenate([r.images for r in rollouts])
         prompts = [p for r in rollouts for p in r.prompts]
         comps = self.w.rewards.components(images, prompts)
@@ -316,6 +319,7 @@ class Loop:
             self._launched = self._launch()
             self._broadcast()
         self.console.print("before: " + _fmt(result.before))
+        self._reward_load(1.0)  # the reward actors' totals so far (start-up, the "before" evaluation): the baseline
         it = self.start_iter
         budget_s, t_start = cfg.time_budget_min * 60.0, time.perf_counter()
         try:
@@ -327,9 +331,8 @@ class Loop:
                 while it < cfg.iterations:
                     metrics, pending = self._iteration(it, pending)
                     if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
-                        if pending is not None:  # keep evaluation on the newest weights, not mid-flight ones
-                            self._drain(pending)
-                            pending = None
+                        # an in-flight batch is kept, not thrown away: each sampler runs its calls in order, so the
+                        # evaluation renders after that batch and after the newest weights' load (_broadcast)
                         metrics.update(self.evaluate(it, "mid"))
                     self.sink.log(it, metrics)
                     if cfg.log.save_every and (it + 1) % cfg.log.save_every == 0:
@@ -430,6 +433,7 @@ class Loop:
                 "time/iteration_s": elapsed,
                 "throughput/images_per_s": len(rollout) / max(elapsed, 1e-9),
                 **self._faults(),
+                **self._reward_load(elapsed),
             }
         )
         if rollout.step_pairs is not None:
@@ -444,6 +448,29 @@ class Loop:
         self._trained = trained
         self._done = (it, self.version, self.w.rewards.state_dict())
         return metrics, next_pending
+
+    def _reward_load(self, seconds: float) -> dict[str, float]:
+        """Per reward model since the last call: seconds its replicas spent scoring, summed (`time/reward_busy/<name>`,
+        the driver's and the samplers' requests alike), and utilisation = busy / (replicas x `seconds`)
+        (`reward_util/<name>`): near 1, that model is the bottleneck and wants more `replicas`. Read from each
+        actor's running totals (RewardServer.stats); a restarted actor counts from 0 again. A reward actor that
+        cannot answer (restarting) costs this iteration its figures, never the run."""
+        out: dict[str, float] = {}
+        for handle in self.w.rewards.handles:
+            actors = getattr(handle, "actors", [])
+            try:
+                stats = gather([a.stats.remote() for a in actors], self.timeout, f"reward {handle.name!r} stats")
+            except ActorFailure:
+                continue
+            busy = 0.0
+            for i, st in enumerate(stats):
+                before = self._reward_busy.get((handle.name, i), 0.0)
+                busy += st["busy_s"] - before if st["busy_s"] >= before else st["busy_s"]
+                self._reward_busy[(handle.name, i)] = st["busy_s"]
+            if actors:
+                out[f"time/reward_busy/{handle.name}"] = busy
+                out[f"reward_util/{handle.name}"] = busy / (len(actors) * max(seconds, 1e-9))
+        return out
 
     def _faults(self) -> dict[str, float]:
         """Run totals: actors restarted (samplers replaced + reward actors restarted by Ray) and requests re-run

@@ -3,8 +3,8 @@
 Pure (no ray import): `available` is a `ray.cluster_resources()`-style dict, e.g. {"CPU": 8.0, "GPU": 2.0,
 "memory": 3.2e10, "node2": 1.0}, so the driver calls this after `ray.init` and before spawning, and tests call it
 with plain dicts. The asks are exactly what `rlalign/actors.py` passes to `.options()`: per sampler `num_cpus`,
-`num_gpus` and `resources`; each of the `learner.num_workers` learners the same; one actor per reward model with
-its `num_cpus`/`num_gpus`.
+`num_gpus` and `resources`; each of the `learner.num_workers` learners the same; `replicas` actors per reward
+model, each with its `num_cpus`/`num_gpus`.
 
 Ray places each actor on one node (and a fractional GPU share on one GPU), so cluster totals are a necessary
 condition, not a sufficient one: two 2-GPU nodes pass a 4-GPU total and still cannot hold one 4-GPU actor. An
@@ -39,7 +39,7 @@ def role_asks(cfg: RunCfg) -> list[RoleAsk]:
 
     asks = [RoleAsk("samplers", s.num_workers, ask(s.num_cpus, s.num_gpus, s.resources))]
     asks.append(RoleAsk("learner", lc.num_workers, ask(lc.num_cpus, lc.num_gpus, lc.resources)))
-    asks += [RoleAsk("rewards", 1, ask(m.num_cpus, m.num_gpus, {})) for m in cfg.reward.models]
+    asks += [RoleAsk("rewards", m.replicas, ask(m.num_cpus, m.num_gpus, {})) for m in cfg.reward.models]
     return asks
 
 
@@ -88,7 +88,7 @@ def _terms(asks: list[RoleAsk], name: str) -> list[tuple[str, str]]:
         each = learner.per_actor[name]
         value = f"{learner.count} x {_amount(name, each, plural=False)}" if learner.count > 1 else _number(name, each)
         terms.append(("learner asks" if not terms else "learner", value))
-    rewards = sum(a.per_actor.get(name, 0.0) for a in asks if a.role == "rewards")
+    rewards = sum(a.count * a.per_actor.get(name, 0.0) for a in asks if a.role == "rewards")
     if rewards:
         terms.append(("rewards ask" if not terms else "rewards", _number(name, rewards)))
     return terms

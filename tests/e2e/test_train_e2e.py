@@ -42,13 +42,16 @@ def test_two_iterations_through_ray(algo: str, ray_session: None, tiny_overrides
 
 
 def test_async_mode_overlaps_and_bounds_policy_lag(ray_session: None, tiny_overrides: list[str]) -> None:
-    cfg = load_config(
-        CONFIG, ["algo=diffusion_dpo", "ray.mode=async", "ray.max_policy_lag=1", "iterations=3", *tiny_overrides]
-    )
-    result = train(cfg, Console(quiet=True))
+    """Async with an evaluation after every iteration: the batch in flight during an evaluation is trained on next,
+    not thrown away and rendered again (which would show as lag 0); the driver checks that every evaluation was
+    rendered with the learner's newest weights, behind that batch."""
+    overrides = ["algo=diffusion_dpo", "ray.mode=async", "ray.max_policy_lag=1", "iterations=3", "eval.every=1"]
+    result = train(load_config(CONFIG, [*overrides, *tiny_overrides]), Console(quiet=True))
     rows = _train_rows(result.run_dir)
     lags = [r["sampler/policy_lag"] for r in rows]
     assert lags[0] == 0 and all(lag == 1 for lag in lags[1:])  # k+1 was rendered while the learner trained on k
+    evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval/digit_accuracy" in r]
+    assert [int(r["iteration"]) for r in evals] == [0, 0, 1, 3]  # before, after iterations 0 and 1, after the run
     assert [r["learner/version"] for r in rows] == [1.0, 2.0, 3.0]
 
 
