@@ -37,24 +37,54 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_samplers_spread_over_two_nodes(tiny_overrides: list[str]) -> None:
+def test_three_node_cluster_places_every_role_and_checkpoints_without_a_shared_cwd(
+    tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray cluster of 3 nodes on this machine: 2 samplers spread over two nodes (STRICT_SPREAD), a group of 2
+    learners on a third (a custom resource only it has), a reward model with 2 replicas. Every actor's process runs
+    in Ray's unpacked copy of a working_dir package, not the driver's cwd; the checkpoints are still complete where
+    the driver resolved the relative out_dir, because the learner's files travel through the object store."""
     from ray.cluster_utils import Cluster
 
+    driver_cwd, package = tmp_path / "driver", tmp_path / "package"
+    driver_cwd.mkdir()
+    package.mkdir()
+    (package / "README").write_text("the actors' working directory\n")
+    monkeypatch.chdir(driver_cwd)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
-    cluster.add_node(num_cpus=2, resources={"node2": 1})
+    node2 = cluster.add_node(num_cpus=2)
+    node3 = cluster.add_node(num_cpus=3, resources={"learners": 2})
     try:
-        ray.init(address=cluster.address, logging_level="ERROR")
-        cfg = load_config(
-            CONFIG, ["sampler.num_workers=2", "ray.placement_strategy=STRICT_SPREAD", "algo=tailorpo", *tiny_overrides]
-        )
-        result = train(cfg, Console(quiet=True))
-        nodes = json.loads((result.run_dir / "placement.json").read_text())
-        assert len(set(nodes["samplers"])) == 2  # one sampler on each node
-        rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss/total" in r]
-        assert len(rows) == 2 and rows[-1]["sampler/min_loaded_version"] == 2.0
+        ray.init(address=cluster.address, logging_level="ERROR", runtime_env={"working_dir": str(package)})
+        overrides = [
+            "sampler.num_workers=2",
+            "ray.placement_strategy=STRICT_SPREAD",
+            "learner.num_workers=2",
+            "learner.resources={learners: 1}",
+            "reward.models=[{name: digit_prompt, replicas: 2, num_cpus: 0.5}]",
+            "algo=tailorpo",
+            *[o for o in tiny_overrides if not o.startswith("out_dir=")],
+            "out_dir=runs",  # relative: resolved on the driver, never in an actor's working directory
+        ]
+        result = train(load_config(CONFIG, overrides), Console(quiet=True))
+        # a lambda travels by value (a function of this test module would need the module on the workers)
+        actor_cwd = ray.get(ray.remote(num_cpus=0)(lambda: os.getcwd()).remote(), timeout=60)
     finally:
         ray.shutdown()
         cluster.shutdown()
+    nodes = json.loads((result.run_dir / "placement.json").read_text())
+    print("placement:", json.dumps({k: v for k, v in nodes.items() if k != "devices"}), nodes["devices"])
+    assert len(set(nodes["samplers"])) == 2  # one sampler on each of two nodes
+    assert nodes["learner"] == [node3.node_id] * 2  # both learners where the custom resource is
+    assert len(nodes["rewards"]) == 2
+    assert {node2.node_id, node3.node_id} <= {n for role in ("samplers", "learner", "rewards") for n in nodes[role]}
+    assert Path(actor_cwd).resolve() != driver_cwd.resolve() and (Path(actor_cwd) / "README").is_file()
+    assert result.run_dir == driver_cwd / "runs" / "tiny" and not (Path(actor_cwd) / "runs").exists()
+    rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss/total" in r]
+    assert len(rows) == 2 and rows[-1]["sampler/min_loaded_version"] == 2.0
+    for it in ("iter_000000", "iter_000001"):
+        files = {p.name for p in (result.run_dir / "ckpt" / it).iterdir()}
+        assert {"adapter_model.safetensors", "optimizer.pt", "state.json", "config.yaml", "diffusers_lora"} <= files
 
 
 @pytest.fixture
