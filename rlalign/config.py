@@ -5,7 +5,9 @@ OmegaConf's structured mode, so an unknown key or a wrong type fails at load wit
 file. The schema defaults are neutral starting values for a user's own model. The settings calibrated for the
 embedded digits model (the demo: `rlalign train` with no file) live in one file, `rlalign/presets/digits.yaml`
 (`configs/digits.yaml` links to it); that layer applies whenever a run uses the embedded model (model.kind=digits,
-or model.kind=auto without model.path), so `configs/tiny.yaml` and `configs/diffusion_dpo_digits.yaml` build on it.
+or model.kind=auto without model.path), so `configs/tiny.yaml` builds on it. An algorithm whose settings on this
+model differ (beta, t range, lr) has its own layer on top, `rlalign/presets/digits_<algo>.yaml`
+(`configs/<algo>_digits.yaml` link to them), so `rlalign train algo=X` runs X's calibrated settings.
 Algorithm sections are the dataclasses that live beside each algorithm in `rlalign/algos/` (one typed section per
 method; a method reads only its own section).
 """
@@ -246,7 +248,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RunCfg:
-    """Defaults <- digits preset (embedded model only) <- YAML file <- `a.b=value` overrides, then `validate`.
+    """Defaults <- digits preset (embedded model only; then its layer for the run's algorithm, if there is one)
+    <- YAML file <- `a.b=value` overrides, then `validate`.
 
     Raises ConfigError naming the bad key and its source. The preset layer is decided by the file and overrides
     together (see `uses_digits_preset`), so `rlalign train model.path=/models/sd15` gets the neutral defaults.
@@ -263,6 +266,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     merged = _merge_layers(schema, layers)
     if uses_digits_preset(merged.model.kind, merged.model.path):
         preset = _merge(schema, _load_yaml(digits_preset_path()), source=str(digits_preset_path()))
+        for_algo = digits_preset_path(merged.algo)  # the algorithm's calibrated settings on this model, if any
+        if for_algo.is_file():
+            preset = _merge(preset, _load_yaml(for_algo), source=str(for_algo))
         merged = _merge_layers(preset, layers)
     cfg = _to_object(merged)
     validate(cfg)
@@ -296,9 +302,12 @@ def uses_digits_preset(kind: str, path: str | None) -> bool:
     return kind == "digits" or (kind == "auto" and not path)
 
 
-def digits_preset_path() -> Path:
-    """`rlalign/presets/digits.yaml` inside the installed package (editable or not)."""
-    return Path(str(resources.files("rlalign").joinpath(DIGITS_PRESET)))
+def digits_preset_path(algo: str | None = None) -> Path:
+    """`rlalign/presets/digits.yaml` inside the installed package (editable or not); with `algo`, that algorithm's
+    layer on top of it, `rlalign/presets/digits_<algo>.yaml` (its beta, t range, lr calibrated on the digits model:
+    `rlalign train algo=dde_stepwise` must not run SD-scale settings that make this model worse)."""
+    name = DIGITS_PRESET if algo is None else DIGITS_PRESET.replace(".yaml", f"_{algo}.yaml")
+    return Path(str(resources.files("rlalign").joinpath(name)))
 
 
 def _merge_layers(base: Any, layers: Sequence[tuple[Any, str]]) -> Any:

@@ -312,3 +312,28 @@ def test_out_of_range_values_are_config_errors_naming_the_key(override: str, key
 def test_pending_actor_timeout_has_a_default_of_a_minute() -> None:
     assert RunCfg().ray.pending_actor_timeout_s == 60.0
     assert load_config(None, ["ray.pending_actor_timeout_s=5"]).ray.pending_actor_timeout_s == 5.0
+
+
+@pytest.mark.parametrize(
+    ("algo", "expected"),
+    [
+        ("dde_stepwise", {"dde.beta": 100.0, "dde.t_min": 100, "dde.t_max": 950, "learner.lr": 1e-3}),
+        ("dde_single_shot", {"dde.beta": 100.0, "dde.t_min": 0, "dde.t_max": 950, "learner.lr": 1e-3}),
+        ("ncp_dpo", {"ncp.beta": 1e6, "learner.lr": 1e-3}),
+        ("diffusion_dpo", {"diffusion_dpo.beta": 100.0, "learner.lr": 1e-3}),
+        ("tailorpo", {"dde.beta": 1000.0, "ncp.beta": 2500.0, "learner.lr": 3e-3}),  # no layer: the demo preset
+    ],
+)
+def test_algo_on_the_embedded_model_gets_its_calibrated_layer(
+    algo: str, expected: dict[str, float], tmp_path: Path
+) -> None:
+    """`rlalign train algo=X` with no file: the SD-scale betas made DDE and NCP worse than the base on this model
+    (docs/benchmarks.md), so the embedded model's layer for X applies; the command line still wins, and a run on
+    another model never sees it."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(load_config(None, [f"algo={algo}"]))
+    assert {k: OmegaConf.select(node, k) for k in expected} == pytest.approx(expected)
+    assert load_config(None, [f"algo={algo}", "learner.lr=5e-4"]).learner.lr == 5e-4
+    sd = load_config(None, [f"algo={algo}", f"model.path={tmp_path}", "reward.models=[{name: jpeg}]"])
+    assert sd.learner.lr == RunCfg().learner.lr and sd.dde.beta == 1000.0
