@@ -436,6 +436,10 @@ class Loop:
                 **self._reward_load(elapsed),
             }
         )
+        # one cost axis for every algorithm: U-Net rows of this iteration's sampling (branches and plain images
+        # included) plus its training (policy, reference and embedding forwards); evaluation is not counted
+        sampled, trained_rows = metrics.get("cost/sampler_unet_rows", 0.0), metrics.get("cost/learner_unet_rows", 0.0)
+        metrics["cost/unet_rows"] = sampled + trained_rows
         if rollout.step_pairs is not None:
             metrics["tailorpo/valid_pair_frac"] = float(rollout.step_pairs.valid.float().mean())
             metrics["tailorpo/step_reward_gap"] = float(

@@ -50,6 +50,8 @@ def test_async_mode_overlaps_and_bounds_policy_lag(ray_session: None, tiny_overr
     rows = _train_rows(result.run_dir)
     lags = [r["sampler/policy_lag"] for r in rows]
     assert lags[0] == 0 and all(lag == 1 for lag in lags[1:])  # k+1 was rendered while the learner trained on k
+    for r in rows:  # the one cost axis: sampling plus training U-Net rows of the iteration
+        assert r["cost/unet_rows"] == r["cost/sampler_unet_rows"] + r["cost/learner_unet_rows"] > 0
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval/digit_accuracy" in r]
     assert [int(r["iteration"]) for r in evals] == [0, 0, 1, 3]  # before, after iterations 0 and 1, after the run
     assert [r["learner/version"] for r in rows] == [1.0, 2.0, 3.0]
