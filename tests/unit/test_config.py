@@ -284,6 +284,7 @@ OUT_OF_RANGE = [
     ("ray.max_policy_lag=2", "ray.max_policy_lag"),  # one batch in flight: a deeper lag would silently act as 1
     ("reward.models=[{name: jpeg, replicas: 0}]", "reward.models.0.replicas"),
     ("sampler.plain_images=-1", "sampler.plain_images"),
+    ("eval.features={name: jpeg}", "eval.features.name"),  # a reward without image features
     ("ray.num_cpus=0", "ray.num_cpus"),
     ("ray.call_timeout_s=0", "ray.call_timeout_s"),
     ("ray.pending_actor_timeout_s=-5", "ray.pending_actor_timeout_s"),
