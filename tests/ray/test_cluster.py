@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 from rich.console import Console
+from safetensors.torch import load_file
 
 from rlalign.actors import ActorFailure, spawn_workers
 from rlalign.config import load_config
@@ -81,10 +82,15 @@ def test_three_node_cluster_places_every_role_and_checkpoints_without_a_shared_c
     assert Path(actor_cwd).resolve() != driver_cwd.resolve() and (Path(actor_cwd) / "README").is_file()
     assert result.run_dir == driver_cwd / "runs" / "tiny" and not (Path(actor_cwd) / "runs").exists()
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss/total" in r]
-    assert len(rows) == 2 and rows[-1]["sampler/min_loaded_version"] == 2.0
+    assert [r["learner/version"] for r in rows] == [1.0, 2.0] and rows[-1]["sampler/min_loaded_version"] == 2.0
+    for r in rows:  # the reward model's load, summed over its replicas (samplers' branch scoring included)
+        assert r["time/reward_busy/digit_prompt"] > 0.0 and 0.0 < r["reward_util/digit_prompt"] <= 1.0
     for it in ("iter_000000", "iter_000001"):
-        files = {p.name for p in (result.run_dir / "ckpt" / it).iterdir()}
+        ckpt = result.run_dir / "ckpt" / it
+        files = {p.name for p in ckpt.iterdir()}
         assert {"adapter_model.safetensors", "optimizer.pt", "state.json", "config.yaml", "diffusers_lora"} <= files
+        lora = load_file(str(ckpt / "adapter_model.safetensors"))
+        assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in lora.items())  # trained by the group
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ trains and checkpoints."""
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from typing import Any
 
@@ -13,14 +12,9 @@ import pytest
 import ray
 import torch
 from component.test_learner import TINY_YAML, scored_rollouts, setup_run
-from rich.console import Console
-from safetensors.torch import load_file
 
 from rlalign.actors import LearnerGroup, spawn_learner
 from rlalign.config import load_config
-from rlalign.driver import train
-from rlalign.learner import LORA_FILE
-from rlalign.metrics import read_metrics
 from rlalign.models.loading import resolve_model_dir
 
 UPDATES = 2
@@ -67,18 +61,6 @@ def test_two_learners_give_the_lora_of_one(
     for group in (g1, g2):
         for actor in group.actors:
             ray.kill(actor)
-
-
-def test_training_run_with_two_learners_checkpoints(ray_session: None, tiny_overrides: list[str]) -> None:
-    cfg = load_config(TINY_YAML, ["algo=diffusion_dpo", "learner.num_workers=2", *tiny_overrides])
-    result = train(cfg, Console(quiet=True))
-    rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss/total" in r]
-    assert [r["learner/version"] for r in rows] == [1.0, 2.0]
-    placed = json.loads((result.run_dir / "placement.json").read_text())
-    assert len(placed["learner"]) == 2 and placed["devices"]["learner"] == ["cpu", "cpu"]
-    ckpt = result.run_dir / "ckpt" / (result.run_dir / "ckpt" / "latest").read_text().strip()
-    assert ckpt.name == "iter_000001" and (ckpt / "state.json").is_file()
-    assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in load_file(str(ckpt / LORA_FILE)).items())
 
 
 def test_learner_group_refuses_zero_workers(tiny_overrides: list[str]) -> None:
