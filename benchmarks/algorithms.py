@@ -36,18 +36,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from rlalign.algos import ALGORITHMS
+
 ROOT = Path(__file__).resolve().parent.parent
-ALGOS = [
-    "tailorpo",
-    "tailorpo_g",
-    "dde_stepwise",
-    "dde_single_shot",
-    "diffusion_dpo",
-    "ncp_dpo",
-    "ncp_cpo",
-    "ncp_sft",
-    "ddpo",
-]
+ALGOS = list(ALGORITHMS)  # every registered algorithm, in the registry's order
 JUDGE, CLASSIFIER, REWARD = "eval/judge_accuracy", "eval/digit_accuracy", "eval/weighted/mean"
 
 
