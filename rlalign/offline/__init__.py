@@ -5,5 +5,5 @@
 - `digits_prefs.py`: a small preference set for the embedded digits model, written in the Pick-a-Pic layout
   (`rlalign data digits-prefs OUT --pairs N`).
 
-Nothing here imports ray; this package imports nothing on its own.
+prefs.py and digits_prefs.py never import ray; this package imports nothing on its own.
 """
