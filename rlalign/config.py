@@ -614,6 +614,13 @@ def preflight(cfg: RunCfg) -> None:
         except (OSError, ValueError) as err:
             fail("model.path", str(err).splitlines()[0])
     _preflight_rewards(cfg)
+    if cfg.data.preferences:
+        from rlalign.offline.encode import check_preferences
+
+        try:
+            check_preferences(cfg.data)
+        except (OSError, ValueError) as err:
+            fail("data.preferences", str(err).splitlines()[0])
     for i, spec in enumerate(cfg.reward.models):
         spec.token = read_token(spec, f"reward.models.{i}")
     if cfg.lora.init_from:

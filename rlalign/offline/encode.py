@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from rlalign.config import DataCfg, ModelCfg
-from rlalign.offline.prefs import BadRowSummary, PrefColumns, check_columns, dataset_base_dir, read_preference_table
+from rlalign.offline.prefs import BadRowSummary, PrefColumns, _check_names, dataset_base_dir, read_preference_table
 
 CACHE_FORMAT = 1  # bump when the shard layout changes: old caches are then rebuilt, never misread
 SHARD_PAIRS = 2048  # pairs per safetensors shard
@@ -49,6 +49,30 @@ SHARD_PAIRS = 2048  # pairs per safetensors shard
 def columns_of(data: DataCfg) -> PrefColumns:
     c = data.columns
     return PrefColumns(c.caption, c.image_0, c.image_1, c.label_0, c.label_1)
+
+
+def check_preferences(data: DataCfg) -> None:
+    """Before Ray starts (config preflight): the table exists and has the mapped columns; reads the parquet schema
+    or the first JSON line only. Raises FileNotFoundError / ValueError naming the path and what is missing."""
+    import pyarrow.parquet as pq
+
+    path = Path(str(data.preferences)).expanduser()
+    if "://" not in str(data.preferences) and not path.exists():
+        raise FileNotFoundError(f"{data.preferences} does not exist")
+    if path.is_dir():
+        shards = sorted(path.glob("*.parquet"))
+        if not shards:
+            raise ValueError(f"{path} is a directory without *.parquet shards")
+        names = pq.read_schema(shards[0]).names
+    elif path.suffix.lower() == ".parquet":
+        names = pq.read_schema(path).names
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "{}")
+        names = list(json.loads(first))
+    else:
+        return  # a URI or an unknown extension: read_preference_table says what is wrong when the run reads it
+    _check_names(names, columns_of(data), str(data.preferences))
 
 
 def model_resolution(model_dir: str | Path) -> int:
@@ -236,7 +260,6 @@ def encode_preferences(data: DataCfg, model: ModelCfg, cache_root: Path, *, prog
 
 
 def _pipeline(data: DataCfg, model: ModelCfg, resolution: int) -> Iterator[dict[str, np.ndarray]]:
-    import pyarrow as pa
     import ray
     import ray.data
 
@@ -244,12 +267,9 @@ def _pipeline(data: DataCfg, model: ModelCfg, resolution: int) -> Iterator[dict[
 
     path = str(data.preferences)
     columns = columns_of(data)
-    table = read_preference_table(path)
-    check_columns(table, columns)
+    table = read_preference_table(path, columns)  # only the mapped columns, plus the source row index
     if data.max_pairs:
         table = table.slice(0, data.max_pairs)
-    if "row" not in table.column_names:
-        table = table.append_column("row", pa.array(np.arange(len(table), dtype=np.int64)))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the run's own rich progress reports rows
