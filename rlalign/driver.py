@@ -421,7 +421,9 @@ class Loop:
         self.prompts.state = replace(self._trained)
 
     def _overlaps(self) -> bool:
-        return self.cfg.ray.mode == "async" and self.cfg.ray.max_policy_lag >= 1
+        """Samplers render the next batch while the learner trains (async); never in offline-only runs, which
+        sample nothing to train on."""
+        return self.cfg.ray.mode == "async" and self.cfg.ray.max_policy_lag >= 1 and not self._offline_only()
 
     def _iteration(self, it: int, pending: list[Any]) -> tuple[dict[str, float], list[Any] | None]:
         cfg = self.cfg
@@ -654,6 +656,10 @@ def _progress(console: Console) -> Progress:
 
 
 def _progress_stats(m: dict[str, float]) -> str:
+    if "offline/pairs" in m and "reward/weighted/mean" not in m:  # offline only: no images, no reward
+        return f"pairs/s {m.get('throughput/pairs_per_s', float('nan')):.1f}  epoch {int(m['offline/epoch'])}  " + (
+            f"loss {m.get('loss/total', float('nan')):.4f}"
+        )
     parts = [
         f"img/s {m.get('throughput/images_per_s', float('nan')):.1f}",
         f"reward {m.get('reward/weighted/mean', float('nan')):.3f}",

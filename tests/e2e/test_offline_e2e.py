@@ -40,6 +40,7 @@ def test_offline_dpo_trains_reports_bad_rows_and_resumes_exactly(
         f"data.preferences={table}",
         "data.pairs_per_iteration=3",  # 4 x 3 pairs from 5: the stream crosses two epoch ends
         "learner.lr=1e-2",
+        "ray.mode=async",  # the digits default: an offline-only run must not overlap (or checkpoint) sampling
         *tiny_overrides,
     ]
     full = train(load_config(CONFIG, [*base, f"iterations={N}", "name=full"]), Console(quiet=True))

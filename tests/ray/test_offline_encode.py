@@ -1,12 +1,11 @@
 """Ray Data encoding of offline preference pairs (rlalign/offline/encode.py) on the tiny digits model: bad rows
-counted and skipped, the preferred image's latent is the VAE encoding of the preferred picture, 1 and 2 encode
-workers give the same cache, and a second run opens the cache instead of encoding again."""
+counted and skipped, the preferred image's latent is the VAE encoding of the preferred picture, a second run opens the
+cache instead of encoding again, and 2 encode workers give the same cache as 1."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -45,19 +44,10 @@ def test_encode_counts_bad_rows_and_keeps_the_preferred_image_first(tiny_digits_
     torch.testing.assert_close(cache.embeds, direct.cpu(), rtol=0, atol=1e-5)
     again = encode_preferences(data, model, tmp_path / "cache")  # same table and model: read from the cache
     assert again.seconds == 0.0 and again.directory == cache.directory
-
-
-def test_two_encode_workers_give_the_same_cache(tiny_digits_dir: Path, tmp_path: Path) -> None:
-    table = write_pickapic_fixture(tmp_path / "data", n_good=10, resolution=model_resolution(tiny_digits_dir))
-    model = ModelCfg(path=str(tiny_digits_dir))
-    caches: list[Any] = []
-    for workers in (1, 2):
-        data = DataCfg(preferences=str(table), encode_batch_size=3, encode_workers=workers)
-        caches.append(encode_preferences(data, model, tmp_path / f"cache{workers}"))
-    one, two = (c.take(np.arange(len(c))) for c in caches)
-    assert len(caches[0]) == len(caches[1]) == 10
-    for key in ("x0_w", "x0_l", "cond", "row"):
-        assert torch.equal(one[key], two[key]), key  # row order too: the pipeline preserves it
+    two = encode_preferences(replace(data, encode_workers=2, encode_batch_size=3), model, tmp_path / "cache2")
+    other = two.take(np.arange(6))
+    for key in ("x0_w", "x0_l", "cond", "row"):  # row order too: the pipeline preserves it, whoever finishes first
+        assert torch.equal(pairs[key], other[key]), key
 
 
 def test_a_table_without_one_usable_row_names_the_reasons(tiny_digits_dir: Path, tmp_path: Path) -> None:
