@@ -170,7 +170,9 @@ def test_reward_actor_killed_mid_score_sync_same_lora(
     rows, ref = _train_rows(result.run_dir), _train_rows(undisturbed)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["faults/restarts"] for r in rows] == [0.0, 1.0, 1.0]
-    assert [r["faults/retries"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["faults/retries"] == 0.0 and rows[1]["faults/retries"] == rows[2]["faults/retries"]
+    # the dying call is sent again, and so is the other sampler's if it was queued on that actor when it died
+    assert rows[1]["faults/retries"] in (1.0, 2.0)
     assert [r["reward/digit_prompt/mean"] for r in rows] == [r["reward/digit_prompt/mean"] for r in ref]
     assert [r["loss/total"] for r in rows] == [r["loss/total"] for r in ref]
     assert _max_diff(_lora(result.run_dir), _lora(undisturbed)) == 0.0
@@ -192,7 +194,9 @@ def test_kill_in_async_mode_finishes_every_iteration(
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["learner/version"] for r in rows] == [1.0, 2.0, 3.0]
     assert [r["sampler/policy_lag"] for r in rows] == [0.0, 1.0, 1.0]  # the retried rollout kept its version
-    assert rows[-1]["faults/restarts"] == 1.0 and rows[-1]["faults/retries"] == 1.0
+    assert rows[-1]["faults/restarts"] == 1.0
+    # the lost request: one rollout, or one or both samplers' reward calls queued on the reward actor when it died
+    assert rows[-1]["faults/retries"] == 1.0 if role == "sampler" else rows[-1]["faults/retries"] in (1.0, 2.0)
 
 
 def test_sampler_that_keeps_dying_ends_the_run(
