@@ -20,6 +20,7 @@ examples:
   rlalign train configs/tailorpo_sd15.yaml model.path=/models/sd15 --address auto   join a running Ray cluster
   rlalign config configs/tiny.yaml                print the resolved config and derived sizes
   rlalign base digits                             build (or show) the cached embedded digits model
+  rlalign data digits-prefs prefs/ --pairs 200    preference pairs from the digits model (Pick-a-Pic layout)
   rlalign report runs/digits                      write runs/digits/report.html (one self-contained page)
 """
 
@@ -76,6 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--size", choices=["default", "tiny"], default="default", help="tiny builds in seconds")
     base.add_argument("--force", action="store_true", help="rebuild even if cached")
 
+    data = sub.add_parser(
+        "data",
+        help="make offline preference data",
+        description="Make offline preference data in the Pick-a-Pic v2 layout (rlalign/offline).",
+    )
+    data_sub = data.add_subparsers(dest="data_command", metavar="WHAT", required=True)
+    prefs = data_sub.add_parser(
+        "digits-prefs",
+        help="preference pairs from the embedded digits model, labelled by its digit classifier",
+        description="Render k images per training prompt with the digits model, score them with its digit "
+        "classifier and keep one pair per prompt group (the correct digit preferred). Writes OUT/train.parquet "
+        "(caption, jpg_0, jpg_1, label_0, label_1), OUT/summary.json and OUT/README.md. Deterministic for a seed.",
+    )
+    prefs.add_argument("out", metavar="OUT", help="output directory")
+    prefs.add_argument("--pairs", type=int, required=True, help="number of pairs to write")
+    prefs.add_argument("--seed", type=int, default=0)
+    prefs.add_argument("--model-dir", help="a built digits model directory (default: the cached embedded model)")
+    prefs.add_argument("--images-per-prompt", type=int, default=8, help="images rendered per prompt group (k)")
+    prefs.add_argument(
+        "--min-gap", type=float, default=0.1, help="skip groups whose classifier-probability gap is smaller"
+    )
+
     report = sub.add_parser(
         "report",
         help="write RUN_DIR/report.html, one self-contained page about a run",
@@ -117,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _base(args, console)
         if args.command == "report":
             return _report(args, console)
+        if args.command == "data":
+            return _data(args, console)
         from rlalign.config import ConfigError, load_config, preflight, resources_line, summary, to_yaml
 
         config, overrides = _split_config(args)
@@ -173,6 +198,26 @@ def _report(args: argparse.Namespace, console) -> int:
         console.print(f"[red]error:[/] {err}", soft_wrap=True)
         return 1
     console.print(f"report: {path}", markup=False, highlight=False)
+    return 0
+
+
+def _data(args: argparse.Namespace, console) -> int:
+    from rlalign.offline.digits_prefs import make_digits_prefs
+
+    try:
+        summary = make_digits_prefs(
+            args.out,
+            args.pairs,
+            model_dir=args.model_dir,
+            seed=args.seed,
+            images_per_prompt=args.images_per_prompt,
+            min_gap=args.min_gap,
+        )
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)
+        return 1
+    console.print(summary)
+    console.print(f"preference pairs: {args.out}/train.parquet", markup=False, highlight=False)
     return 0
 
 

@@ -204,6 +204,36 @@ class LogCfg:
 
 
 @dataclass
+class PrefColumnsCfg:
+    """Column names of a preference table; Pick-a-Pic v2's by default (rlalign/offline/prefs.py)."""
+
+    caption: str = "caption"
+    image_0: str = "jpg_0"  # image bytes (JPEG/PNG) or a path relative to the table file
+    image_1: str = "jpg_1"
+    label_0: str = "label_0"  # 1 = image_0 preferred; 0.5/0.5 = tie
+    label_1: str = "label_1"
+
+
+@dataclass
+class DataCfg:
+    """Offline preference pairs (docs/offline.md): read, decoded and VAE-encoded with Ray Data, cached as latents."""
+
+    preferences: str | None = None  # a .parquet file or directory of shards, or .jsonl; None: online pairs only
+    columns: PrefColumnsCfg = field(default_factory=PrefColumnsCfg)
+    ties: str = "drop"  # drop | keep (a tie is trained in both orders: its margin is pulled towards 0)
+    pairs_per_iteration: int = 16  # offline pairs in each learner update (offline only)
+    # share of each update's pairs that come from online samplers. 0: offline only (the samplers only render the
+    # held-out evaluation). f > 0: the samplers render their usual G groups (one best-vs-worst pair each) and
+    # round(G * (1 - f) / f) offline pairs join them, so a run can start from human data and continue online
+    online_fraction: float = 0.0
+    cache_dir: str | None = None  # encoded latents + text embeddings; None: <out_dir>/prefs_cache
+    encode_workers: int = 1  # Ray Data actors that VAE-encode (each loads the VAE and text encoders)
+    encode_num_gpus: float = 0.0  # per encode actor
+    encode_batch_size: int = 16  # rows per Ray Data batch
+    max_pairs: int = 0  # use only the first N rows of the table (0: all)
+
+
+@dataclass
 class RunCfg:
     name: str = "run"  # run directory name under out_dir
     out_dir: str = "runs"
@@ -227,6 +257,7 @@ class RunCfg:
     diffusion_dpo: DiffusionDPOCfg = field(default_factory=DiffusionDPOCfg)
     ncp: NCPCfg = field(default_factory=NCPCfg)
     ddpo: DDPOCfg = field(default_factory=DDPOCfg)
+    data: DataCfg = field(default_factory=DataCfg)
 
     @property
     def run_dir(self) -> Path:
@@ -244,6 +275,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "reward.target": ("x0_hat", "noisy", "final"),
     "ray.mode": ("sync", "async"),
     "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "data.ties": ("drop", "keep"),
 }
 
 
@@ -388,6 +420,11 @@ _RANGES: dict[str, str] = {
     "ncp.cpo_nll_weight": ">= 0",
     "ncp.min_reward_gap": ">= 0",
     "ddpo.min_std": ">= 0",
+    "data.pairs_per_iteration": ">= 1",
+    "data.encode_workers": ">= 1",
+    "data.encode_num_gpus": ">= 0",
+    "data.encode_batch_size": ">= 1",
+    "data.max_pairs": ">= 0",
 }
 _RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1}
 
@@ -463,6 +500,7 @@ def validate(cfg: RunCfg) -> None:
             fail(f"eval.audit.{i}.name", f"unknown or remote reward {spec.name!r}; audits run in-process: {known}")
         if spec.path is not None and not REWARDS[spec.name].weights:
             fail(f"eval.audit.{i}.path", f"reward {spec.name!r} has no weights; remove path (got {spec.path!r})")
+    _validate_data(cfg, fail)
     if cfg.eval.features is not None:
         spec = cfg.eval.features
         with_features = sorted(n for n, r in REWARDS.items() if r.features)
@@ -503,6 +541,22 @@ def _check_token_keys(key: str, spec: RewardSpec) -> None:
             f"{key}.token: this config was saved with its token redacted (rlalign never writes secrets); in the "
             "config file replace `token` with token_env: VAR (an environment variable holding it) or token_file: PATH"
         )
+
+
+def _validate_data(cfg: RunCfg, fail: Any) -> None:
+    """Offline preference training: an algorithm that trains on final-latent pairs, a sane online share."""
+    from rlalign.algos import ALGORITHMS
+
+    d = cfg.data
+    if d.preferences is None:
+        return
+    if not ALGORITHMS[cfg.algo].offline_pairs:
+        able = ", ".join(n for n, a in ALGORITHMS.items() if a.offline_pairs)
+        fail("data.preferences", f"algo={cfg.algo} cannot train on offline pairs; one of: {able}")
+    if cfg.algo.startswith("dde") and cfg.dde.state_source != "renoise":
+        fail("dde.state_source", "offline pairs have no sampler trajectory: use renoise with data.preferences")
+    if not (0.0 <= d.online_fraction < 1.0):
+        fail("data.online_fraction", f"must be in [0, 1), got {d.online_fraction}")
 
 
 def _check_actor_resources(key: str, num_cpus: float, num_gpus: float, resources: dict[str, float]) -> None:
@@ -560,6 +614,13 @@ def preflight(cfg: RunCfg) -> None:
         except (OSError, ValueError) as err:
             fail("model.path", str(err).splitlines()[0])
     _preflight_rewards(cfg)
+    if cfg.data.preferences:
+        from rlalign.offline.encode import check_preferences
+
+        try:
+            check_preferences(cfg.data)
+        except (OSError, ValueError) as err:
+            fail("data.preferences", str(err).splitlines()[0])
     for i, spec in enumerate(cfg.reward.models):
         spec.token = read_token(spec, f"reward.models.{i}")
     if cfg.lora.init_from:

@@ -43,9 +43,10 @@ from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
 from rlalign.models.loading import resolve_model_dir
 from rlalign.monitor import AlarmRules, Monitor
+from rlalign.offline.stream import PairStream, offline_scored
 from rlalign.prompts import PromptSource, PromptSourceState, eval_batches
 from rlalign.resources import missing_resources
-from rlalign.types import Rollout, RolloutSummary, Scores, merge_metrics
+from rlalign.types import Rollout, RolloutSummary, ScoredRollouts, Scores, merge_metrics
 
 
 @dataclass
@@ -113,6 +114,7 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
                 f"[yellow]waiting for nodes[/] (ray.autoscaling, up to {cfg.ray.pending_actor_timeout_s:.0f} s "
                 "per role): " + "; ".join(missing)
             )
+        offline = _offline_stream(cfg, model_dir, run_dir, console)  # before the actors: encoding may use every CPU
         workers = spawn_workers(cfg, model_dir)
         nodes = placement(workers, cfg.ray.call_timeout_s)
         (run_dir / "placement.json").write_text(json.dumps(nodes, indent=2))
@@ -121,7 +123,7 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
             f"{len(workers.learner.actors)} learner(s), {len(workers.reward_actors)} reward actor(s)"
         )
         loop = Loop(cfg, workers, sink, run_dir, model_dir, console)
-        loop.mirror = mirror
+        loop.mirror, loop.offline = mirror, offline
         result = loop.run()
     finally:
         sink.close()
@@ -135,6 +137,29 @@ def train(cfg: RunCfg, console: Console | None = None) -> RunResult:
     if mirror is not None:
         mirror.push()
     return result
+
+
+def _offline_stream(cfg: RunCfg, model_dir: str, run_dir: Path, console: Console) -> PairStream | None:
+    """data.preferences: the pairs, encoded with Ray Data now or read from the cache (rlalign/offline/encode.py);
+    the bad-row summary is printed and kept in offline_bad_rows.json."""
+    if not cfg.data.preferences:
+        return None
+    from rlalign.offline.encode import encode_preferences
+
+    cache_root = Path(cfg.data.cache_dir or run_dir.parent / "prefs_cache").expanduser()
+    console.print(f"offline pairs: {cfg.data.preferences} (latent cache under {cache_root})")
+    with Progress(TextColumn("encoding pairs"), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("encode", total=None)
+        model = replace(cfg.model, path=model_dir)
+        cache = encode_preferences(cfg.data, model, cache_root, progress=lambda rows: bar.update(task, completed=rows))
+    (run_dir / "offline_bad_rows.json").write_text(json.dumps(cache.bad, indent=2))
+    how = f"encoded in {cache.seconds:.1f} s" if cache.seconds else "read from the cache"
+    kept, read = cache.bad.get("pairs_kept", len(cache)), cache.bad.get("rows_read", len(cache))
+    console.print(f"offline pairs: {len(cache)} pairs ({how}); {read} rows read, {kept} pairs kept")
+    for reason, count in sorted(cache.bad.get("counts", {}).items()):
+        rows = ", ".join(map(str, cache.bad.get("examples", {}).get(reason, [])))
+        console.print(f"  skipped {count} row(s): {reason} (rows {rows})")
+    return PairStream(cache, cfg.data.pairs_per_iteration, seed=cfg.seed)
 
 
 ALARMS_FILE = "alarms.jsonl"  # one {"iteration", "alarm"} row per monitor alarm; `rlalign report` reads it
@@ -262,6 +287,7 @@ class Loop:
         self._resume_sampler_weights: Any = None  # async resume: the LoRA the next in-flight batch was rendered with
         self._reward_retries = 0  # reward calls the samplers sent again while scoring final images (run total)
         self.mirror: ckpt.RunMirror | None = None  # out_dir is a URI: copy the run there after every checkpoint
+        self.offline: PairStream | None = None  # data.preferences: the encoded pairs (rlalign/offline/)
         self._reward_busy: dict[tuple[str, int], float] = {}  # (reward, replica) -> busy seconds last read
 
     # ------------------------------------------------------------------ set-up
@@ -272,6 +298,8 @@ class Loop:
         state = ckpt.read_state(path)
         self.version = self.w.learner.load(path)
         self.prompts.state = PromptSourceState(**state["prompts"])
+        if self.offline is not None and "offline" in state:
+            self.offline.load_state_dict(state["offline"])
         self.w.rewards.load_state_dict(state.get("reward_stats", {}))
         self.start_iter = int(state["iteration"]) + 1
         if self._overlaps() and (path / SAMPLER_LORA).is_file():
@@ -369,8 +397,9 @@ class Loop:
         try:
             with _progress(self.console) as progress:
                 task = progress.add_task("training", total=cfg.iterations, completed=self.start_iter, stats="")
+                online = not self._offline_only()  # offline-only runs sample nothing to train on
                 while it < cfg.iterations:
-                    metrics = self.step(it)
+                    metrics = self.step(it) if online else self._offline_step(it)
                     if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
                         # an in-flight batch is kept, not thrown away: each sampler runs its calls in order, so the
                         # evaluation renders after that batch and after the newest weights' load (_broadcast)
@@ -522,6 +551,43 @@ class Loop:
         caps = [f"{p[:18]} {v:.2f}" for p, v in zip(prompts, scores.scores[:n].tolist())]
         save_image_grid(images, caps, self.run_dir / "images" / f"train_iter_{it:06d}.png")
 
+    # ------------------------------------------------------------------ offline pairs (docs/offline.md)
+    def _offline_only(self) -> bool:
+        return self.offline is not None and self.cfg.data.online_fraction == 0.0
+
+    def _offline_batch(self, online_groups: int) -> ScoredRollouts:
+        """The next offline pairs as a scored batch: `data.pairs_per_iteration` alone, or with `online_groups`
+        online pairs so that they make `data.online_fraction` of the update."""
+        assert self.offline is not None
+        f = self.cfg.data.online_fraction
+        n = self.cfg.data.pairs_per_iteration if f == 0 else max(1, round(online_groups * (1 - f) / f))
+        s = self.cfg.sampler
+        scored = offline_scored(self.offline.next(n), eta=s.eta, guidance_scale=s.guidance_scale)
+        st = self.offline.state
+        scored.metrics.update({"offline/epoch": float(st.epoch), "offline/pairs_seen": float(st.pairs_seen)})
+        return scored
+
+    def _offline_step(self, it: int) -> dict[str, float]:
+        """An offline-only iteration: read pairs from the cache (`time/sample_s`), learn, send the weights to the
+        samplers (which render only the held-out evaluation)."""
+        t0 = time.perf_counter()
+        scored = self._offline_batch(0)
+        t1 = time.perf_counter()
+        metrics = self.w.learner.update(scored)
+        t_learn = time.perf_counter() - t1
+        self.version = int(metrics.get("learner/version", self.version))
+        self._broadcast()
+        elapsed = time.perf_counter() - t0
+        metrics.update(scored.metrics)
+        times = {"sample": t1 - t0, "reward": 0.0, "learn": t_learn, "sync": self._sync_s, "iteration": elapsed}
+        metrics.update({f"time/{k}_s": v for k, v in times.items()})
+        metrics["throughput/pairs_per_s"] = metrics["offline/pairs"] / max(elapsed, 1e-9)
+        metrics["cost/unet_rows"] = metrics.get("cost/learner_unet_rows", 0.0)  # nothing is sampled
+        metrics["sampler/min_loaded_version"] = float(min(self._broadcast_versions))
+        metrics.update(self._faults())
+        self._done = (it, self.version, self.w.rewards.state_dict())
+        return metrics
+
     def _reward_load(self, seconds: float) -> dict[str, float]:
         """Per reward model since the last call: seconds its replicas spent scoring, summed (`time/reward_busy/<name>`,
         the driver's and the samplers' requests alike), and utilisation = busy / (replicas x `seconds`)
@@ -573,6 +639,9 @@ class Loop:
             "prompts": vars(self._trained).copy(),
             "reward_stats": reward_stats,
             "seed": self.cfg.seed,
+            # offline pairs: the stream's position after the last batch trained on (drawn at learn time, so never
+            # ahead of the completed iterations)
+            **({"offline": self.offline.state_dict()} if self.offline is not None else {}),
         }
         self.last_ckpt = ckpt.commit(self.run_dir, staged, iteration, state, to_yaml(self.cfg), self.cfg.log.keep_last)
         if self.mirror is not None:

@@ -22,14 +22,23 @@ ALGORITHMS: dict[str, Algorithm] = {
             needs_step_pairs=True,
             needs_gradient_guidance=True,
         ),
-        Algorithm("dde_stepwise", "dde", dde.build_batch, dde.forward_stepwise, dde.loss),
-        Algorithm("dde_single_shot", "dde", dde.build_batch, dde.forward_single_shot, dde.loss),
+        Algorithm("dde_stepwise", "dde", dde.build_batch, dde.forward_stepwise, dde.loss, offline_pairs=True),
+        Algorithm("dde_single_shot", "dde", dde.build_batch, dde.forward_single_shot, dde.loss, offline_pairs=True),
         Algorithm(
-            "diffusion_dpo", "diffusion_dpo", diffusion_dpo.build_batch, diffusion_dpo.forward, diffusion_dpo.loss
+            "diffusion_dpo",
+            "diffusion_dpo",
+            diffusion_dpo.build_batch,
+            diffusion_dpo.forward,
+            diffusion_dpo.loss,
+            offline_pairs=True,
         ),
-        Algorithm("ncp_dpo", "ncp", ncp.build_batch, ncp.forward_dpo, ncp.loss_dpo),
-        Algorithm("ncp_cpo", "ncp", ncp.build_batch, ncp.forward_cpo, ncp.loss_cpo, is_preference=False),
-        Algorithm("ncp_sft", "ncp", ncp.build_batch, ncp.forward_sft, ncp.loss_sft, is_preference=False),
+        Algorithm("ncp_dpo", "ncp", ncp.build_batch, ncp.forward_dpo, ncp.loss_dpo, offline_pairs=True),
+        Algorithm(
+            "ncp_cpo", "ncp", ncp.build_batch, ncp.forward_cpo, ncp.loss_cpo, is_preference=False, offline_pairs=True
+        ),
+        Algorithm(
+            "ncp_sft", "ncp", ncp.build_batch, ncp.forward_sft, ncp.loss_sft, is_preference=False, offline_pairs=True
+        ),
         Algorithm("ddpo", "ddpo", ddpo.build_batch, ddpo.forward, ddpo.loss, is_preference=False),
     )
 }

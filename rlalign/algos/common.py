@@ -101,6 +101,9 @@ class Algorithm(NamedTuple):
     needs_step_pairs: bool = False  # sampler must branch (TailorPO family)
     needs_gradient_guidance: bool = False  # sampler must move the winner along the reward gradient
     is_preference: bool = True  # logistic preference loss: exactly ln 2 at step 0
+    # trains on (winner, loser) final latents and their prompts only, so it can train on offline preference pairs
+    # (data.preferences, rlalign/offline/); the TailorPO family needs branched steps and DDPO its own log-probs
+    offline_pairs: bool = False
 
 
 def guided_eps(

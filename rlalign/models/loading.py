@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -228,7 +229,8 @@ def load_parts(
     lora: bool = True,
     progress: bool = False,
 ) -> DiffusionParts:
-    """Load the parts `role` needs (sampler: all; learner: unet + scheduler) from the local model dir.
+    """Load the parts `role` needs (sampler: all; learner: unet + scheduler; encoder: VAE, text encoders and only
+    the U-Net's config, for offline pairs) from the local model dir.
 
     Runs inside the owning actor: `num_gpus` is that actor's share, which picks the device (`resolve_device`).
     """
@@ -239,16 +241,20 @@ def load_parts(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if role not in ("sampler", "learner"):
-        raise ValueError(f"role must be sampler or learner, got {role!r}")
+    if role not in ("sampler", "learner", "encoder"):
+        raise ValueError(f"role must be sampler, learner or encoder, got {role!r}")
     path = resolve_model_dir(model_cfg, progress=progress)
     layout = check_pipeline_dir(path, model_cfg.kind)
     device, torch_dtype = resolve_device(model_cfg, num_gpus), getattr(torch, dtype)
     kw: dict[str, Any] = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype, **kw)
+    if role == "encoder":  # offline pairs (rlalign/offline/encode.py): VAE and text encoders, the U-Net's config only
+        unet: Any = SimpleNamespace(config=SimpleNamespace(**UNet2DConditionModel.load_config(path / "unet")))
+        lora = False
+    else:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype, **kw)
     scheduler = load_ddim_scheduler(path / "scheduler", num_steps)
     parts = DiffusionParts(unet, None, None, None, scheduler, device, torch_dtype, path, layout)
-    if role == "sampler":
+    if role in ("sampler", "encoder"):
         vae_dtype = torch.float32 if torch_dtype == torch.float16 and _force_upcast(path) else torch_dtype
         parts.vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype, **kw)
         parts.text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype, **kw)
@@ -259,8 +265,9 @@ def load_parts(
             )
             parts.tokenizer_2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2", **kw)
             parts.force_zeros_for_empty_prompt = _force_zeros(path)
-    apply_speed_settings(model_cfg, device, unet, parts.vae)
-    for module in (unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+    if role != "encoder":
+        apply_speed_settings(model_cfg, device, unet, parts.vae)
+    for module in (unet if role != "encoder" else None, parts.vae, parts.text_encoder, parts.text_encoder_2):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
@@ -270,7 +277,7 @@ def load_parts(
         if lora_cfg.init_from:
             load_lora_into(unet, lora_cfg.init_from)
         unet.to(device)
-    if model_cfg.compile:
+    if model_cfg.compile and role != "encoder":
         unet.compile()  # in place: the module keeps its attributes (config, adapters) for every caller
     return parts
 

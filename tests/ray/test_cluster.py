@@ -41,8 +41,9 @@ def _free_port() -> int:
 def test_three_node_cluster_places_every_role_and_checkpoints_without_a_shared_cwd(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A Ray cluster of 3 nodes on this machine: 2 samplers spread over two nodes (STRICT_SPREAD), a group of 2
-    learners on a third (a custom resource only it has), a reward model with 2 replicas. Every actor's process runs
+    """A Ray cluster of 3 nodes on this machine: 2 samplers spread over two nodes (STRICT_SPREAD, on the two nodes
+    with a `samplers` resource), a group of 2 learners on a third (a custom resource only it has), a reward model with
+    2 replicas. Every actor's process runs
     in Ray's unpacked copy of a working_dir package, not the driver's cwd; the checkpoints are still complete where
     the driver resolved the relative out_dir, because the learner's files travel through the object store."""
     from ray.cluster_utils import Cluster
@@ -52,14 +53,19 @@ def test_three_node_cluster_places_every_role_and_checkpoints_without_a_shared_c
     package.mkdir()
     (package / "README").write_text("the actors' working directory\n")
     monkeypatch.chdir(driver_cwd)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
-    node2 = cluster.add_node(num_cpus=2)
+    # custom resources pin each role: without them the scheduler may put a sampler beside the learners and leave a
+    # node empty (seen in CI), which is a valid placement but not the one this test checks
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"samplers": 1}})
+    node2 = cluster.add_node(num_cpus=2, resources={"samplers": 1})
     node3 = cluster.add_node(num_cpus=3, resources={"learners": 2})
+    # node ids read now: after cluster.shutdown() a node object's id is no longer reliable
+    head_id, node2_id, node3_id = cluster.head_node.node_id, node2.node_id, node3.node_id
     try:
         ray.init(address=cluster.address, logging_level="ERROR", runtime_env={"working_dir": str(package)})
         overrides = [
             "sampler.num_workers=2",
             "ray.placement_strategy=STRICT_SPREAD",
+            "sampler.resources={samplers: 1}",
             "learner.num_workers=2",
             "learner.resources={learners: 1}",
             "reward.models=[{name: digit_prompt, replicas: 2, num_cpus: 0.5}]",
@@ -75,10 +81,9 @@ def test_three_node_cluster_places_every_role_and_checkpoints_without_a_shared_c
         cluster.shutdown()
     nodes = json.loads((result.run_dir / "placement.json").read_text())
     print("placement:", json.dumps({k: v for k, v in nodes.items() if k != "devices"}), nodes["devices"])
-    assert len(set(nodes["samplers"])) == 2  # one sampler on each of two nodes
-    assert nodes["learner"] == [node3.node_id] * 2  # both learners where the custom resource is
+    assert sorted(nodes["samplers"]) == sorted([head_id, node2_id])  # one on each
+    assert nodes["learner"] == [node3_id] * 2  # both learners where the custom resource is
     assert len(nodes["rewards"]) == 2
-    assert {node2.node_id, node3.node_id} <= {n for role in ("samplers", "learner", "rewards") for n in nodes[role]}
     assert Path(actor_cwd).resolve() != driver_cwd.resolve() and (Path(actor_cwd) / "README").is_file()
     assert result.run_dir == driver_cwd / "runs" / "tiny" and not (Path(actor_cwd) / "runs").exists()
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss/total" in r]
