@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pickle
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,25 @@ LearnerActor = ray.remote(Learner)
 RewardActor = ray.remote(RewardServer)
 
 
+class ReceivedBytes:
+    """Bytes of every result this process received through `gather` and `RayPending` (pickled size): the driver
+    logs them per iteration as `driver/bytes_in`, which shows that rollouts no longer pass through it."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, values: Any) -> None:
+        self.total += len(pickle.dumps(values, protocol=5))
+
+    def take(self) -> int:
+        """The bytes since the last take."""
+        n, self.total = self.total, 0
+        return n
+
+
+received = ReceivedBytes()  # per process; only the driver's is read
+
+
 class RayPending:
     """A reward call that is sent again, once, when its actor dies.
 
@@ -56,17 +76,22 @@ class RayPending:
 
     def result(self, timeout: float | None = None) -> Any:
         try:
-            return ray.get(self.ref, timeout=timeout)
+            return self._get(timeout)
         except ray.exceptions.RayActorError:
             self.handle.retries += 1
             self.ref = self.send(-1)
         try:
-            return ray.get(self.ref, timeout=timeout)
+            return self._get(timeout)
         except ray.exceptions.RayActorError as err:
             raise ActorFailure(
                 f"reward actor {self.handle.name!r} died and was not restarted: ray.max_actor_restarts="
                 f"{self.handle.max_restarts} restarts are used up (its node keeps failing): {_root_cause(err)}"
             ) from err
+
+    def _get(self, timeout: float | None) -> Any:
+        value = ray.get(self.ref, timeout=timeout)
+        received.add(value)
+        return value
 
 
 class RaySplit:
@@ -195,6 +220,19 @@ class SamplerPool:
             self._send(i, lambda a, b=b: a.generate.remote(b, **kwargs), request=True) for i, b in enumerate(batches)
         ]
 
+    def generate_scored(self, batches: Sequence[Any]) -> list[SamplerCall]:
+        """One `generate_scored(batch)` per slot, returned as two objects: `get` reads the summary, `rollout_ref`
+        names the rollout, which stays in the object store (rlalign/sampling/sampler.py)."""
+        return [
+            self._send(i, lambda a, b=b: a.generate_scored.options(num_returns=2).remote(b), request=True)
+            for i, b in enumerate(batches)
+        ]
+
+    @staticmethod
+    def rollout_ref(call: SamplerCall) -> Any:
+        """The rollout of a `generate_scored` call; read it after `get` (a re-run call has a new ref)."""
+        return call.ref[1]
+
     def load(self, weights: Any) -> list[SamplerCall]:
         """`load_weights(weights)` on every slot; `weights` is one object ref, read by all."""
         return [self._send(i, lambda a: a.load_weights.remote(weights), loads=weights) for i in range(len(self))]
@@ -213,7 +251,8 @@ class SamplerPool:
         for call in calls:
             while True:
                 try:
-                    value = gather([call.ref], self.timeout_s, role, pass_deaths=True)[0]
+                    first = call.ref[0] if isinstance(call.ref, list) else call.ref  # generate_scored: the summary
+                    value = gather([first], self.timeout_s, role, pass_deaths=True)[0]
                     break
                 except ray.exceptions.RayActorError as err:
                     self._replace(call.slot, err)
@@ -279,6 +318,13 @@ class LearnerGroup:
         metrics: dict[str, float] = self._on_all([a.update.remote(scored) for a in self.actors], "update")[0]
         return metrics
 
+    def update_refs(self, scores: Any, rollouts: Sequence[Any]) -> dict[str, float]:
+        """`update` on rollouts held as object references: each is one argument of the call, so Ray resolves it
+        inside every rank (a ref inside a list would arrive unresolved) and the driver never reads a rollout."""
+        refs = [a.update_from.remote(scores, *rollouts) for a in self.actors]
+        metrics: dict[str, float] = self._on_all(refs, "update")[0]
+        return metrics
+
     def export_weights(self) -> Any:
         return self.actors[0].export_weights.remote()
 
@@ -310,6 +356,20 @@ class LearnerGroup:
                 raise ActorFailure(f"learner group {what} did not answer within {self.timeout_s:.0f} s")
             gather(ready, self.timeout_s, f"learner {rank[ready[0]]} ({what})")
         return gather(refs, self.timeout_s, "learner")
+
+
+@ray.remote(num_cpus=0)
+def _first_images(n: int, *rollouts: Any) -> np.ndarray:
+    """Runs where Ray places it, not in the driver: the first n images of these rollouts, in order."""
+    return np.concatenate([r.images for r in rollouts])[:n]
+
+
+def first_images(refs: Sequence[Any], lengths: Sequence[int], n: int, timeout_s: float) -> np.ndarray:
+    """[n, H, W, 3] uint8: the first n images of an iteration's rollouts, held by reference, without bringing the
+    rollouts to the driver (the train image grid). Only the rollouts that hold those images are read."""
+    need = next((i + 1 for i, total in enumerate(np.cumsum(lengths)) if total >= n), len(refs))
+    images: np.ndarray = gather([_first_images.remote(n, *refs[:need])], timeout_s, "train image grid")[0]
+    return images
 
 
 def _rendezvous(_learner: Any) -> tuple[str, int]:
@@ -404,7 +464,7 @@ def spawn_samplers(cfg: RunCfg, model_dir: str, rewards: RewardSet) -> tuple[Sam
     def spawn(i: int) -> Any:  # also spawns replacements: same resources, same placement bundle
         return SamplerActor.options(
             num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=dict(s.resources) or None, **options[i]
-        ).remote(s, make_parts, branch=branch, scorer=rewards if branch else None, worker_index=i)
+        ).remote(s, make_parts, branch=branch, scorer=rewards if branch else None, rewards=rewards, worker_index=i)
 
     return SamplerPool(spawn, s.num_workers, cfg.ray.max_actor_restarts, cfg.ray.call_timeout_s), pgs
 
@@ -521,7 +581,9 @@ def gather(refs: Sequence[Any], timeout_s: float, role: str, *, pass_deaths: boo
     pass_deaths: let RayActorError through (the caller replaces the actor and re-runs the call).
     """
     try:
-        return list(ray.get(list(refs), timeout=timeout_s))
+        values = list(ray.get(list(refs), timeout=timeout_s))
+        received.add(values)
+        return values
     except ray.exceptions.GetTimeoutError as err:
         raise ActorFailure(f"{role} did not answer within {timeout_s:.0f} s (ray.call_timeout_s)") from err
     except ray.exceptions.RayActorError as err:

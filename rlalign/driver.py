@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rlalign import checkpoint as ckpt
-from rlalign.actors import ActorFailure, Workers, gather, init_ray, placement, restarts_of, spawn_workers
+from rlalign.actors import (
+    ActorFailure,
+    SamplerCall,
+    Workers,
+    first_images,
+    gather,
+    init_ray,
+    placement,
+    received,
+    restarts_of,
+    spawn_workers,
+)
 from rlalign.config import RunCfg, preflight, resources_line, save_config, summary, to_yaml
 from rlalign.evaluation import Evaluator
 from rlalign.metrics import MetricSink, plot_reward_curve, read_metrics, save_image_grid
@@ -34,8 +46,7 @@ from rlalign.monitor import AlarmRules, Monitor
 from rlalign.offline.stream import PairStream, offline_scored
 from rlalign.prompts import PromptSource, PromptSourceState, eval_batches
 from rlalign.resources import missing_resources
-from rlalign.rewards import RewardError
-from rlalign.types import Rollout, ScoredRollouts, concat_rollouts
+from rlalign.types import Rollout, RolloutSummary, ScoredRollouts, Scores, merge_metrics
 
 
 @dataclass
@@ -217,6 +228,39 @@ def _write_curve(run_dir: Path) -> None:
     plot_reward_curve(rows, run_dir / "reward_curve.png")
 
 
+@dataclass
+class SampleRequest:
+    """One iteration's rollouts in flight: a `generate_scored` call per sampler, the prompt cursor after their
+    batches (what a checkpoint records once they are trained on) and when they were sent (`time/sample_s`)."""
+
+    calls: list[SamplerCall]
+    drawn: PromptSourceState
+    sent_at: float
+
+
+class InFlight:
+    """Rollout requests sent and not yet trained on, oldest first: the async loop's only state between iterations.
+
+    Depth 1 is what `ray.max_policy_lag` <= 1 needs (config validation refuses more): async mode sends iteration
+    k+1's request while k trains; sync mode sends and takes it in the same step.
+    """
+
+    def __init__(self, max_depth: int) -> None:
+        self.max_depth = max_depth
+        self._queue: deque[SampleRequest] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def submit(self, request: SampleRequest) -> None:
+        if len(self._queue) >= self.max_depth:
+            raise RuntimeError(f"{len(self._queue)} rollout requests already in flight (max {self.max_depth})")
+        self._queue.append(request)
+
+    def pop(self) -> SampleRequest:
+        return self._queue.popleft()
+
+
 class Loop:
     def __init__(
         self, cfg: RunCfg, workers: Workers, sink: MetricSink, run_dir: Path, model_dir: str, console: Console
@@ -236,12 +280,12 @@ class Loop:
         self.sampler_version = 0
         self.last_ckpt: Path | None = None
         # what a checkpoint may hold: the state after the last completed iteration, never work in flight
-        self._drawn: list[PromptSourceState] = []  # prompt cursor after each batch sent out and not yet trained on
+        self.inflight = InFlight(max_depth=1)  # rollout requests sent and not yet trained on (async: at most one)
         self._trained = PromptSourceState()  # prompt cursor after the last batch trained on
         self._done: tuple[int, int, dict[str, Any]] = (-1, 0, {})  # (iteration, weights version, reward stats)
         self._weights: list[Any] = []  # WeightsUpdate refs of the last two broadcasts
         self._resume_sampler_weights: Any = None  # async resume: the LoRA the next in-flight batch was rendered with
-        self._launched: list[Any] | None = None  # async resume: that batch, already sent
+        self._reward_retries = 0  # reward calls the samplers sent again while scoring final images (run total)
         self.mirror: ckpt.RunMirror | None = None  # out_dir is a URI: copy the run there after every checkpoint
         self.offline: PairStream | None = None  # data.preferences: the encoded pairs (rlalign/offline/)
         self._reward_busy: dict[tuple[str, int], float] = {}  # (reward, replica) -> busy seconds last read
@@ -344,7 +388,7 @@ class Loop:
             # samplers held when it was first sent out (one version behind), then the newest weights follow it
             self.w.samplers.get(self.w.samplers.load(ray.put(self._resume_sampler_weights)), "sampler weight load")
             self._weights = []
-            self._launched = self._launch()
+            self.inflight.submit(self._request())
             self._broadcast()
         self.console.print("before: " + _fmt(result.before))
         self._reward_load(1.0)  # the reward actors' totals so far (start-up, the "before" evaluation): the baseline
@@ -353,16 +397,9 @@ class Loop:
         try:
             with _progress(self.console) as progress:
                 task = progress.add_task("training", total=cfg.iterations, completed=self.start_iter, stats="")
-                online = not self._offline_only()
-                pending = (
-                    self._launched
-                    if self._launched is not None
-                    else self._launch()
-                    if it < cfg.iterations and online
-                    else None
-                )
+                online = not self._offline_only()  # offline-only runs sample nothing to train on
                 while it < cfg.iterations:
-                    metrics, pending = self._iteration(it, pending) if online else (self._offline_step(it), None)
+                    metrics = self.step(it) if online else self._offline_step(it)
                     if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
                         # an in-flight batch is kept, not thrown away: each sampler runs its calls in order, so the
                         # evaluation renders after that batch and after the newest weights' load (_broadcast)
@@ -375,19 +412,15 @@ class Loop:
                     result.iterations_done = it
                     if budget_s and time.perf_counter() - t_start > budget_s and it < cfg.iterations:
                         self.console.print(f"time budget of {cfg.time_budget_min:g} min reached after {it} iterations")
-                        if pending is not None:
-                            self._drain(pending)
+                        self._drain()
                         break
                     if cfg.eval.stop_on_alarm and metrics.get("monitor/alarm") == 1.0 and it < cfg.iterations:
                         self.console.print(
                             f"[bold red]stopping after {it} iterations: monitor alarm[/] (eval.stop_on_alarm)"
                         )
                         result.stopped_on_alarm = True
-                        if pending is not None:
-                            self._drain(pending)
+                        self._drain()
                         break
-                    if pending is None and it < cfg.iterations and online:
-                        pending = self._launch()
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: saving a checkpoint before stopping[/]")
             self._save_quietly()
@@ -406,18 +439,74 @@ class Loop:
         result.monitor, result.alarms = self.monitor.history, self.monitor.alarms
         return result
 
-    def _launch(self) -> list[Any]:
+    # ------------------------------------------------------------------ one iteration: sample -> learn -> sync
+    def step(self, it: int) -> dict[str, float]:
+        """Iteration `it` as explicit stages, each timed: sample (`time/sample_s`: the oldest request's summaries;
+        async: the next request sent at once, so the samplers render it during the rest of this step), reward
+        (`time/reward_s`: the samplers' scoring of their final images plus the normalisation here), learn
+        (`time/learn_s`: the learners read the rollouts by reference) and sync (`time/sync_s`: the new weights to
+        every sampler). `driver/bytes_in` is what the driver received meanwhile: summaries and metrics, no rollout."""
+        received.take()
+        t0 = time.perf_counter()
+        request, summaries, lag = self._sample(it)
+        t1 = time.perf_counter()
+        scores = self._score(summaries)
+        t_reward = time.perf_counter() - t1 + max(s.reward_s for s in summaries)
+        t2 = time.perf_counter()
+        refs = [self.w.samplers.rollout_ref(c) for c in request.calls]
+        metrics = self.w.learner.update_refs(scores, refs)
+        t_learn = time.perf_counter() - t2
+        self.version = int(metrics.get("learner/version", self.version))
+        self._broadcast()  # in async mode this queues behind the in-flight generate on each sampler
+        elapsed = time.perf_counter() - t0
+        t_sample = t1 - request.sent_at - max(s.reward_s for s in summaries)
+        times = {"sample": t_sample, "reward": t_reward, "learn": t_learn, "sync": self._sync_s, "iteration": elapsed}
+        metrics.update(self._step_metrics(it, summaries, scores, lag, times))
+        # one cost axis for every algorithm: U-Net rows of this iteration's sampling (branches and plain images
+        # included) plus its training (policy, reference and embedding forwards); evaluation is not counted
+        sampled, trained_rows = metrics.get("cost/sampler_unet_rows", 0.0), metrics.get("cost/learner_unet_rows", 0.0)
+        metrics["cost/unet_rows"] = sampled + trained_rows
+        if self.cfg.log.image_every and it % self.cfg.log.image_every == 0:
+            self._train_grid(it, summaries, scores, refs)
+        self._trained = request.drawn
+        self._done = (it, self.version, self.w.rewards.state_dict())
+        metrics["driver/bytes_in"] = float(received.take())
+        return metrics
+
+    def _request(self) -> SampleRequest:
+        """Draw the next batches and send them, one per sampler, each rendered and scored there."""
         batches = self.prompts.next(
             self.cfg.sampler.prompts_per_worker, self.cfg.sampler.images_per_prompt, len(self.w.samplers)
         )
-        self._drawn.append(replace(self.prompts.state))
-        self._launched_at = time.perf_counter()
-        return self.w.samplers.generate(batches)
+        drawn, sent_at = replace(self.prompts.state), time.perf_counter()
+        return SampleRequest(self.w.samplers.generate_scored(batches), drawn, sent_at)
 
-    def _drain(self, pending: list[Any]) -> None:
+    def _sample(self, it: int) -> tuple[SampleRequest, list[RolloutSummary], int]:
+        """The oldest request's summaries (sync: sent now); async: the next request goes out before we learn."""
+        if not self.inflight:
+            self.inflight.submit(self._request())
+        request = self.inflight.pop()
+        summaries: list[RolloutSummary] = self.w.samplers.get(request.calls, "sampler")
+        lag = self.version - min(s.policy_version for s in summaries)
+        if lag > self.cfg.ray.max_policy_lag:
+            raise ActorFailure(f"policy lag {lag} exceeds ray.max_policy_lag={self.cfg.ray.max_policy_lag}")
+        if self._overlaps() and it + 1 < self.cfg.iterations:
+            self.inflight.submit(self._request())  # samplers render k+1 while we score and learn k
+        self._reward_retries += sum(s.reward_retries for s in summaries)
+        return request, summaries, lag
+
+    def _score(self, summaries: list[RolloutSummary]) -> Scores:
+        """The learning signal from the samplers' raw components, normalised here: the running statistics are the
+        driver's (checkpointed), and the result equals scoring the concatenated rollout (`RewardSet.score_rollout`)."""
+        comps = {n: np.concatenate([s.components[n] for s in summaries]) for n in self.w.rewards.names}
+        group_ids = torch.cat([s.group_ids for s in summaries])
+        plain = any(s.step_valid is None for s in summaries)  # as concat_rollouts: step pairs only if all have them
+        return self.w.rewards.score_components(comps, group_ids, plain)
+
+    def _drain(self) -> None:
         """Finish in-flight rollouts without training on them; their prompts are handed out again next time."""
-        self.w.samplers.get(pending, "sampler")
-        self._drawn.clear()
+        while self.inflight:
+            self.w.samplers.get(self.inflight.pop().calls, "sampler")
         self.prompts.state = replace(self._trained)
 
     def _overlaps(self) -> bool:
@@ -425,68 +514,44 @@ class Loop:
         sample nothing to train on."""
         return self.cfg.ray.mode == "async" and self.cfg.ray.max_policy_lag >= 1 and not self._offline_only()
 
-    def _iteration(self, it: int, pending: list[Any]) -> tuple[dict[str, float], list[Any] | None]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        rollouts: list[Rollout] = self.w.samplers.get(pending, "sampler")
-        trained = self._drawn.pop(0)
-        t_sample = time.perf_counter() - self._launched_at
-        rollout = concat_rollouts(rollouts)
-        lag = self.version - min(r.policy_version for r in rollouts)
-        if lag > cfg.ray.max_policy_lag:
-            raise ActorFailure(f"policy lag {lag} exceeds ray.max_policy_lag={cfg.ray.max_policy_lag}")
-        overlap = self._overlaps() and it + 1 < cfg.iterations
-        next_pending = self._launch() if overlap else None  # samplers render k+1 while we score and learn k
-        t1 = time.perf_counter()
-        try:
-            scored = self.w.rewards.score_rollout(rollout)
-        except RewardError as err:  # e.g. a reward actor that died more often than ray.max_actor_restarts
-            raise ActorFailure(str(err)) from err
-        t_reward = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        metrics = self.w.learner.update(scored)
-        t_learn = time.perf_counter() - t2
-        self.version = int(metrics.get("learner/version", self.version))
-        self._broadcast()  # in async mode this queues behind the in-flight generate on each sampler
-        elapsed = time.perf_counter() - t0
-        metrics.update(scored.metrics)
+    def _step_metrics(
+        self, it: int, summaries: list[RolloutSummary], scores: Scores, lag: int, times: dict[str, float]
+    ) -> dict[str, float]:
+        """Everything an iteration logs besides the learner's metrics (the same keys and values as when the driver
+        received whole rollouts)."""
+        sampler_metrics = merge_metrics([s.metrics for s in summaries])
+        images = sum(len(s) for s in summaries)
+        version = min(s.policy_version for s in summaries)
+        metrics = dict(scores.metrics)
         metrics.update(
-            {k: v for k, v in rollout.metrics.items() if not k.startswith("sampler/std/")}
+            {k: v for k, v in sampler_metrics.items() if not k.startswith("sampler/std/")}
             if it > 0
-            else rollout.metrics
+            else sampler_metrics
         )
         metrics.update(
             {
                 "sampler/policy_lag": float(lag),
-                "sampler/version": float(rollout.policy_version),
+                "sampler/version": float(version),
                 "sampler/min_loaded_version": float(min(self._broadcast_versions)),
                 "sampler/max_loaded_version": float(max(self._broadcast_versions)),
-                "time/sample_s": t_sample,
-                "time/reward_s": t_reward,
-                "time/learn_s": t_learn,
-                "time/sync_s": self._sync_s,
-                "time/iteration_s": elapsed,
-                "throughput/images_per_s": len(rollout) / max(elapsed, 1e-9),
+                **{f"time/{k}_s": v for k, v in times.items()},
+                "throughput/images_per_s": images / max(times["iteration"], 1e-9),
                 **self._faults(),
-                **self._reward_load(elapsed),
+                **self._reward_load(times["iteration"]),
             }
         )
-        # one cost axis for every algorithm: U-Net rows of this iteration's sampling (branches and plain images
-        # included) plus its training (policy, reference and embedding forwards); evaluation is not counted
-        sampled, trained_rows = metrics.get("cost/sampler_unet_rows", 0.0), metrics.get("cost/learner_unet_rows", 0.0)
-        metrics["cost/unet_rows"] = sampled + trained_rows
-        if rollout.step_pairs is not None:
-            metrics["tailorpo/valid_pair_frac"] = float(rollout.step_pairs.valid.float().mean())
-            metrics["tailorpo/step_reward_gap"] = float(
-                (rollout.step_pairs.reward_w - rollout.step_pairs.reward_l).mean()
-            )
-        if cfg.log.image_every and it % cfg.log.image_every == 0:
-            n = min(32, len(rollout))
-            caps = [f"{p[:18]} {s:.2f}" for p, s in zip(rollout.prompts[:n], scored.scores[:n].tolist())]
-            save_image_grid(rollout.images[:n], caps, self.run_dir / "images" / f"train_iter_{it:06d}.png")
-        self._trained = trained
-        self._done = (it, self.version, self.w.rewards.state_dict())
-        return metrics, next_pending
+        if all(s.step_valid is not None for s in summaries):
+            metrics["tailorpo/valid_pair_frac"] = float(torch.cat([s.step_valid for s in summaries]).float().mean())
+            metrics["tailorpo/step_reward_gap"] = float(torch.cat([s.step_reward_gap for s in summaries]).mean())
+        return metrics
+
+    def _train_grid(self, it: int, summaries: list[RolloutSummary], scores: Scores, refs: list[Any]) -> None:
+        """The first (up to 32) training images with prompt and score: only those images come to the driver."""
+        n = min(32, sum(len(s) for s in summaries))
+        images = first_images(refs, [len(s) for s in summaries], n, self.timeout)
+        prompts = [p for s in summaries for p in s.prompts][:n]
+        caps = [f"{p[:18]} {v:.2f}" for p, v in zip(prompts, scores.scores[:n].tolist())]
+        save_image_grid(images, caps, self.run_dir / "images" / f"train_iter_{it:06d}.png")
 
     # ------------------------------------------------------------------ offline pairs (docs/offline.md)
     def _offline_only(self) -> bool:
@@ -550,11 +615,12 @@ class Loop:
 
     def _faults(self) -> dict[str, float]:
         """Run totals: actors restarted (samplers replaced + reward actors restarted by Ray) and requests re-run
-        (rollout requests + the driver's reward calls; reward calls a TailorPO sampler re-sends are not counted)."""
+        (rollout requests, the samplers' final-image reward calls as their summaries report them, the driver's own
+        evaluation reward calls; reward calls a TailorPO sampler re-sends while branching are not counted)."""
         pool = self.w.samplers
         return {
             "faults/restarts": float(pool.restarts + restarts_of(self.w.reward_actors)),
-            "faults/retries": float(pool.retries + sum(getattr(h, "retries", 0) for h in self.w.rewards.handles)),
+            "faults/retries": float(pool.retries + self.w.rewards.retries + self._reward_retries),
         }
 
     # ------------------------------------------------------------------ checkpoints

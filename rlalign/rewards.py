@@ -19,7 +19,7 @@ import torch
 
 from reward_servers.mix import RunningMeanStd, group_normalize
 from rlalign.config import RewardSpec
-from rlalign.types import Rollout, ScoredRollouts
+from rlalign.types import Rollout, ScoredRollouts, Scores
 
 
 class Pending(Protocol):
@@ -140,11 +140,26 @@ class RewardSet:
             grad += spec.weight * np.asarray(g, np.float32)
         return total, grad
 
+    @property
+    def retries(self) -> int:
+        """Calls this copy of the handles sent again after a reward actor died (0 for in-process handles)."""
+        return sum(int(getattr(h, "retries", 0)) for h in self.handles)
+
     # learning signal for the whole iteration
     def score_rollout(self, rollout: Rollout) -> ScoredRollouts:
-        comps = self.components(rollout.images, rollout.prompts)
-        gids = rollout.group_ids.numpy()
-        total = np.zeros(len(rollout), np.float64)
+        """Score a rollout here (in-process runs, tests, benchmarks); the driver scores from components the
+        samplers computed (`score_components`): both give the same ScoredRollouts for the same components."""
+        scores = self.score_components(
+            self.components(rollout.images, rollout.prompts), rollout.group_ids, rollout.step_pairs is None
+        )
+        return ScoredRollouts(rollout, scores.scores, scores.components, scores.metrics)
+
+    def score_components(self, comps: dict[str, np.ndarray], group_ids: torch.Tensor, plain: bool) -> Scores:
+        """Normalise and weight raw components ([B] each) into the learning signal; updates the running statistics
+        of `normalize: running` rewards, so it runs once per iteration, on the driver, which checkpoints them.
+        `plain`: the images were sampled without branching (then their weighted reward is the policy's own)."""
+        gids = group_ids.numpy()
+        total = np.zeros(len(gids), np.float64)
         metrics: dict[str, float] = {}
         for spec, name in zip(self.specs, self.names):
             raw = comps[name]
@@ -152,11 +167,10 @@ class RewardSet:
             metrics[f"reward/{name}/std"] = float(raw.std())
             total += spec.weight * self._normalise(spec, name, raw, gids)
         metrics["reward/weighted/mean"] = float(total.mean())
-        if rollout.step_pairs is None:  # plainly sampled: the policy's own reward (a branching sampler logs its own)
+        if plain:  # plainly sampled: the policy's own reward (a branching sampler logs its own)
             metrics["plain/weighted/mean"] = float(self.weighted(comps).mean())
         metrics["reward/group_std_mean"] = float(np.mean([total[gids == g].std() for g in np.unique(gids)]))
-        return ScoredRollouts(
-            rollout=rollout,
+        return Scores(
             scores=torch.from_numpy(total.astype(np.float32)),
             components={k: torch.from_numpy(v.copy()) for k, v in comps.items()},
             metrics=metrics,

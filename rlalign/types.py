@@ -86,6 +86,58 @@ class ScoredRollouts:
 
 
 @dataclass(frozen=True)
+class Scores:
+    """The learning signal of one iteration without its rollout: what the driver sends the learners beside the
+    rollouts' references (a `ScoredRollouts` is `Scores` plus the concatenated rollout)."""
+
+    scores: Tensor  # [B] float32, as ScoredRollouts.scores
+    components: dict[str, Tensor]  # name -> [B] raw score of each reward model
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def with_rollout(self, rollout: Rollout) -> ScoredRollouts:
+        if len(rollout) != len(self.scores):
+            raise ValueError(f"{len(self.scores)} scores for a rollout of {len(rollout)} images")
+        return ScoredRollouts(rollout, self.scores, self.components, self.metrics)
+
+
+@dataclass(frozen=True)
+class RolloutSummary:
+    """What the driver receives of one sampler call instead of its `Rollout`: raw reward components and the few
+    fields its metrics need; the `Rollout` stays in Ray's object store and goes to the learners by reference
+    (rlalign/actors.py `SamplerPool.generate_scored`). A few hundred bytes per image, against the trajectory's
+    latents, embeddings and images."""
+
+    prompts: list[str]  # [B] (image-grid captions)
+    group_ids: Tensor  # [B] int64
+    components: dict[str, np.ndarray]  # name -> [B] float32 raw score of each reward model
+    policy_version: int
+    metrics: dict[str, float]  # the rollout's sampler-side metrics (Rollout.metrics)
+    step_valid: Tensor | None = None  # [B, S] bool: StepPairs.valid (TailorPO), None without branching
+    step_reward_gap: Tensor | None = None  # [B, S] float32: StepPairs.reward_w - reward_l
+    reward_s: float = 0.0  # seconds the sampler spent scoring its final images
+    reward_retries: int = 0  # reward calls of that scoring sent again after a reward actor died
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def summarize(rollout: Rollout, components: dict[str, np.ndarray], reward_s: float, retries: int) -> RolloutSummary:
+    """The summary of a scored rollout (built inside the sampler, rlalign/sampling/sampler.py)."""
+    pairs = rollout.step_pairs
+    return RolloutSummary(
+        prompts=list(rollout.prompts),
+        group_ids=rollout.group_ids.clone(),
+        components=components,
+        policy_version=rollout.policy_version,
+        metrics=dict(rollout.metrics),
+        step_valid=None if pairs is None else pairs.valid.clone(),
+        step_reward_gap=None if pairs is None else pairs.reward_w - pairs.reward_l,
+        reward_s=reward_s,
+        reward_retries=retries,
+    )
+
+
+@dataclass(frozen=True)
 class WeightsUpdate:
     """The learner's LoRA weights, on CPU, with the version number the learner assigned them."""
 
@@ -127,8 +179,13 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
         prompt_embeds=torch.cat([r.prompt_embeds for r in rollouts]),
         policy_version=min(r.policy_version for r in rollouts),
         step_pairs=step_pairs,
-        metrics={k: _merge_metric(k, [r.metrics[k] for r in rollouts if k in r.metrics]) for k in first.metrics},
+        metrics=merge_metrics([r.metrics for r in rollouts]),
     )
+
+
+def merge_metrics(per_sampler: list[dict[str, float]]) -> dict[str, float]:
+    """One iteration's sampler metrics from each sampler's (keys of the first): what `concat_rollouts` logs."""
+    return {k: _merge_metric(k, [m[k] for m in per_sampler if k in m]) for k in per_sampler[0]}
 
 
 def _merge_metric(key: str, values: list[float]) -> float:

@@ -32,7 +32,7 @@ from rlalign.config import SamplerCfg
 from rlalign.models.conditioning import unet_eps
 from rlalign.models.loading import DiffusionParts, to_uint8
 from rlalign.sampling.logprob import ddim_mean_std, ddim_step_with_logprob, predicted_x0, prev_timestep
-from rlalign.types import PromptBatch, Rollout, StepPairs, WeightsUpdate
+from rlalign.types import PromptBatch, Rollout, RolloutSummary, StepPairs, WeightsUpdate, summarize
 
 
 class StepScorer(Protocol):
@@ -46,6 +46,19 @@ class StepScorer(Protocol):
 
     def score_and_grad(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """[N, H, W, 3] float32 in [0, 1] -> ([N], [N, H, W, 3])."""
+        ...
+
+
+class FinalScorer(Protocol):
+    """Scores a rollout's final images with every reward model (rlalign/rewards.py `RewardSet`)."""
+
+    @property
+    def retries(self) -> int:
+        """Reward calls sent again so far (after a reward actor died)."""
+        ...
+
+    def components(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """[N, H, W, 3] uint8 -> name -> [N] float32 raw scores."""
         ...
 
 
@@ -71,9 +84,10 @@ class Sampler:
         *,
         branch: BranchCfg | None = None,
         scorer: StepScorer | None = None,
+        rewards: FinalScorer | None = None,
         worker_index: int = 0,
     ) -> None:
-        self.cfg, self.branch, self.scorer = cfg, branch, scorer
+        self.cfg, self.branch, self.scorer, self.rewards = cfg, branch, scorer, rewards
         self.parts = make_parts()
         self.version = 0
         self.worker_index = worker_index
@@ -201,6 +215,19 @@ class Sampler:
             step_pairs=step_pairs,
             metrics=metrics,
         )
+
+    def generate_scored(self, batch: PromptBatch) -> tuple[RolloutSummary, Rollout]:
+        """Render one batch and score its final images here, with the reward handles this sampler holds. Two
+        results, so that Ray can return them as two objects (rlalign/actors.py `SamplerPool.generate_scored`): the
+        small summary the driver reads and the rollout, which stays in the object store until the learners read
+        it. Scores are the raw components; normalisation needs the driver's running statistics."""
+        if self.rewards is None:
+            raise ValueError("generate_scored needs the reward models (Sampler(rewards=...))")
+        rollout = self.generate(batch)
+        t0, retries = time.perf_counter(), self.rewards.retries
+        comps = self.rewards.components(rollout.images, rollout.prompts)
+        summary = summarize(rollout, comps, time.perf_counter() - t0, self.rewards.retries - retries)
+        return summary, rollout
 
     def _plain_reward(self, batch: PromptBatch) -> dict[str, float]:
         """The policy's own reward next to the search's: `sampler.plain_images` of this batch's images (spread over

@@ -16,7 +16,7 @@ from reward_servers.registry import make_reward
 from rlalign.config import EvalCfg, PromptsCfg, RewardSpec, load_config
 from rlalign.prompts import PromptSource, PromptSourceState, eval_batches, load_prompts
 from rlalign.rewards import LocalRewardHandle, RewardError, RewardSet
-from rlalign.types import PromptBatch, Rollout
+from rlalign.types import PromptBatch, Rollout, concat_rollouts
 
 # ---------------------------------------------------------------------------------------------------------------
 # prompts
@@ -300,3 +300,22 @@ def test_tiny_config_reward_section_loads() -> None:
         ("jpeg", 0.5, "none"),
         ("brightness", 2.0, "group"),
     ]
+
+
+@pytest.mark.parametrize("normalize", ["none", "group", "running"])
+def test_driver_scores_from_sampler_components_equal_scoring_the_whole_rollout(normalize: str) -> None:
+    """The driver path (each sampler scores its own rollout, the driver normalises the concatenated components,
+    rlalign/driver.py `Loop._score`) gives bit-identical scores, components and metrics to scoring the concatenated
+    rollout in one place, and leaves the same running statistics behind."""
+    specs = [RewardSpec(name="jpeg", weight=0.5, normalize=normalize), RewardSpec(name="brightness", weight=2.0)]
+    whole_set, split_set = reward_set(*specs), reward_set(*specs)
+    parts = [synthetic_rollout(groups=2, seed=s) for s in (0, 1)]
+    parts[1] = replace(parts[1], group_ids=parts[1].group_ids + 2)
+    for _ in range(2):  # the second round reads the running statistics the first one left
+        whole = whole_set.score_rollout(concat_rollouts(parts))
+        comps = [split_set.components(r.images, r.prompts) for r in parts]
+        cat = {k: np.concatenate([c[k] for c in comps]) for k in comps[0]}
+        split = split_set.score_components(cat, torch.cat([r.group_ids for r in parts]), plain=True)
+        assert torch.equal(split.scores, whole.scores) and split.metrics == whole.metrics
+        assert all(torch.equal(split.components[k], whole.components[k]) for k in whole.components)
+    assert split_set.state_dict() == whole_set.state_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,15 +10,25 @@ import pytest
 from rich.console import Console
 
 from rlalign.algos import ALGORITHMS
-from rlalign.config import load_config
+from rlalign.config import RunCfg, load_config, summary
 from rlalign.driver import train
 from rlalign.metrics import read_metrics
+from rlalign.models.loading import resolve_model_dir
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
+BYTES_FRACTION = 2  # driver/bytes_in stays under 1/2 of one iteration's latents (measured: see docs/cluster.md)
 
 
 def _train_rows(run_dir: Path) -> list[dict[str, float]]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/total" in r or "learner/skipped" in r]
+
+
+def _latent_bytes(cfg: RunCfg) -> int:
+    """Bytes of one iteration's rollout latents alone ([B, T + 1, C, h, w] float32): the least the driver received
+    per iteration while whole rollouts came through it (with images, log-probs and text embeddings on top)."""
+    unet = json.loads((resolve_model_dir(cfg.model) / "unet" / "config.json").read_text())
+    latent = unet["in_channels"] * unet["sample_size"] ** 2
+    return int(summary(cfg)["images_per_iteration"]) * (cfg.sampler.num_steps + 1) * latent * 4
 
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))
@@ -32,6 +43,9 @@ def test_two_iterations_through_ray(algo: str, ray_session: None, tiny_overrides
         assert row["sampler/min_loaded_version"] == row["sampler/max_loaded_version"] == row["learner/version"]
     assert [r["learner/version"] for r in rows] == [1.0, 2.0]
     assert [r["sampler/version"] for r in rows] == [0.0, 1.0]  # sync mode: rollouts use the newest weights
+    # rollouts go from the samplers to the learners by reference: the driver receives summaries, metrics and the
+    # image grid's 8 images (log.image_every=1), a fraction of the latents it used to receive
+    assert all(0 < r["driver/bytes_in"] < _latent_bytes(cfg) / BYTES_FRACTION for r in rows), rows
     if ALGORITHMS[algo].is_preference:
         assert rows[0]["loss/first"] == pytest.approx(math.log(2.0), abs=1e-6)  # fresh LoRA: policy == reference
     run = result.run_dir

@@ -211,12 +211,12 @@ def test_dead_sampler_is_named_and_checkpoints_survive(tiny_overrides: list[str]
         sink = MetricSink(run_dir, tensorboard=False)
         loop = Loop(cfg, workers, sink, run_dir, str(resolve_model_dir(cfg.model)), Console(quiet=True))
         loop._broadcast()
-        metrics, _ = loop._iteration(0, loop._launch())
+        metrics = loop.step(0)
         sink.log(0, metrics)
         saved = loop._save(0)
         ray.kill(workers.samplers[0])
         with pytest.raises(ActorFailure, match="sampler 0 died 1 times"):
-            loop._iteration(1, loop._launch())
+            loop.step(1)
         sink.close()
         assert (saved / "adapter_model.safetensors").is_file()  # the earlier checkpoint is intact
         assert read_metrics(run_dir / "metrics.jsonl")[0]["iteration"] == 0  # and so is the log

@@ -31,8 +31,8 @@ from rlalign.metrics import read_metrics
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below run inside actors
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
-# 3 iterations with the (branch-free) Diffusion-DPO: the reward actor is called by the driver only, once per
-# iteration plus the before/after evaluations
+# 3 iterations with the (branch-free) Diffusion-DPO: the reward actor is called by each sampler for its final
+# images (twice per iteration: 2 samplers) and by the driver for the before/after evaluations
 BASE = ["algo=diffusion_dpo", "iterations=3", "sampler.num_workers=2"]
 
 
@@ -70,7 +70,8 @@ def _die_in_generate(sampler: Any, n: int) -> int:
 
 def _die_in_score(server: Any, n: int) -> int:
     """Kill this process inside the model's n-th score call, after it scored and before the answer leaves (the
-    'before' evaluation's 40 images take two calls of 32 + 8, each training iteration's 8 images one)."""
+    'before' evaluation's 40 images take two calls of 32 + 8, each training iteration's 2 x 4 images two: one per
+    sampler)."""
     import os
     import signal
 
@@ -161,14 +162,17 @@ def test_sampler_killed_mid_generate_sync_same_lora(
 def test_reward_actor_killed_mid_score_sync_same_lora(
     undisturbed: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The reward actor dies scoring iteration 1's images (its model's 4th call): Ray restarts it, the driver's
-    call is sent again, and the scores and the final LoRA are those of the undisturbed run."""
-    _arm(monkeypatch, lambda w: w.reward_actors, _die_in_score, 4)
+    """The reward actor dies scoring iteration 1's images (its model's 5th call, from one of the samplers): Ray
+    restarts it, that sampler's call is sent again, and the scores and the final LoRA are those of the undisturbed
+    run."""
+    _arm(monkeypatch, lambda w: w.reward_actors, _die_in_score, 5)
     result = train(load_config(CONFIG, [*BASE, *tiny_overrides]), Console(quiet=True))
     rows, ref = _train_rows(result.run_dir), _train_rows(undisturbed)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["faults/restarts"] for r in rows] == [0.0, 1.0, 1.0]
-    assert [r["faults/retries"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["faults/retries"] == 0.0 and rows[1]["faults/retries"] == rows[2]["faults/retries"]
+    # the dying call is sent again, and so is the other sampler's if it was queued on that actor when it died
+    assert rows[1]["faults/retries"] in (1.0, 2.0)
     assert [r["reward/digit_prompt/mean"] for r in rows] == [r["reward/digit_prompt/mean"] for r in ref]
     assert [r["loss/total"] for r in rows] == [r["loss/total"] for r in ref]
     assert _max_diff(_lora(result.run_dir), _lora(undisturbed)) == 0.0
@@ -183,14 +187,16 @@ def test_kill_in_async_mode_finishes_every_iteration(
     if role == "sampler":
         _arm(monkeypatch, lambda w: [w.samplers[0]], _die_in_generate, 4)  # before-eval, it 0, it 1, it 2
     else:
-        _arm(monkeypatch, lambda w: w.reward_actors, _die_in_score, 4)
+        _arm(monkeypatch, lambda w: w.reward_actors, _die_in_score, 5)  # before-eval 2 calls, it 0 2, it 1
     cfg = load_config(CONFIG, [*BASE, "ray.mode=async", "ray.max_policy_lag=1", *tiny_overrides])
     result = train(cfg, Console(quiet=True))
     rows = _train_rows(result.run_dir)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["learner/version"] for r in rows] == [1.0, 2.0, 3.0]
     assert [r["sampler/policy_lag"] for r in rows] == [0.0, 1.0, 1.0]  # the retried rollout kept its version
-    assert rows[-1]["faults/restarts"] == 1.0 and rows[-1]["faults/retries"] == 1.0
+    assert rows[-1]["faults/restarts"] == 1.0
+    # the lost request: one rollout, or one or both samplers' reward calls queued on the reward actor when it died
+    assert rows[-1]["faults/retries"] == 1.0 if role == "sampler" else rows[-1]["faults/retries"] in (1.0, 2.0)
 
 
 def test_sampler_that_keeps_dying_ends_the_run(
