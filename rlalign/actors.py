@@ -318,10 +318,13 @@ class LearnerGroup:
         metrics: dict[str, float] = self._on_all([a.update.remote(scored) for a in self.actors], "update")[0]
         return metrics
 
-    def update_refs(self, scores: Any, rollouts: Sequence[Any]) -> dict[str, float]:
+    def update_refs(self, scores: Any, rollouts: Sequence[Any], offline: Any = None) -> dict[str, float]:
         """`update` on rollouts held as object references: each is one argument of the call, so Ray resolves it
-        inside every rank (a ref inside a list would arrive unresolved) and the driver never reads a rollout."""
-        refs = [a.update_from.remote(scores, *rollouts) for a in self.actors]
+        inside every rank (a ref inside a list would arrive unresolved) and the driver never reads a rollout.
+        `offline`: preference pairs mixed into the same update (one object-store copy for every rank)."""
+        if offline is not None and len(self.actors) > 1:
+            offline = ray.put(offline)
+        refs = [a.update_from.remote(scores, *rollouts, offline=offline) for a in self.actors]
         metrics: dict[str, float] = self._on_all(refs, "update")[0]
         return metrics
 

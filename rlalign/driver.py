@@ -454,7 +454,10 @@ class Loop:
         t_reward = time.perf_counter() - t1 + max(s.reward_s for s in summaries)
         t2 = time.perf_counter()
         refs = [self.w.samplers.rollout_ref(c) for c in request.calls]
-        metrics = self.w.learner.update_refs(scores, refs)
+        offline = None  # data.online_fraction > 0: human pairs join the samplers' own in this update
+        if self.offline is not None:
+            offline = self._offline_batch(self.cfg.sampler.prompts_per_worker * len(self.w.samplers))
+        metrics = self.w.learner.update_refs(scores, refs, offline)
         t_learn = time.perf_counter() - t2
         self.version = int(metrics.get("learner/version", self.version))
         self._broadcast()  # in async mode this queues behind the in-flight generate on each sampler
@@ -462,6 +465,8 @@ class Loop:
         t_sample = t1 - request.sent_at - max(s.reward_s for s in summaries)
         times = {"sample": t_sample, "reward": t_reward, "learn": t_learn, "sync": self._sync_s, "iteration": elapsed}
         metrics.update(self._step_metrics(it, summaries, scores, lag, times))
+        if offline is not None:
+            metrics.update(offline.metrics)
         # one cost axis for every algorithm: U-Net rows of this iteration's sampling (branches and plain images
         # included) plus its training (policy, reference and embedding forwards); evaluation is not counted
         sampled, trained_rows = metrics.get("cost/sampler_unet_rows", 0.0), metrics.get("cost/learner_unet_rows", 0.0)

@@ -40,6 +40,7 @@ from rlalign.checkpoint import fsync_tree, read_tree, write_tree
 from rlalign.config import RunCfg
 from rlalign.models.denoiser import UNetDenoiser
 from rlalign.models.loading import DiffusionParts, lora_metadata, save_diffusers_lora, save_peft_lora
+from rlalign.offline.stream import mix
 from rlalign.types import Rollout, ScoredRollouts, Scores, WeightsUpdate, concat_rollouts
 
 LORA_FILE = "adapter_model.safetensors"
@@ -85,12 +86,16 @@ class Learner:
         return {"layer": layer} if layer else {}
 
     # ------------------------------------------------------------------ training
-    def update_from(self, scores: Scores, *rollouts: Rollout) -> dict[str, float]:
+    def update_from(
+        self, scores: Scores, *rollouts: Rollout, offline: ScoredRollouts | None = None
+    ) -> dict[str, float]:
         """`update` on the samplers' rollouts, concatenated in sampler order, and the driver's scores. The driver
         passes the rollouts as object references, one argument each, so Ray resolves them here, in this process:
         they reach the learners straight from the object store, never through the driver (rlalign/actors.py
-        `LearnerGroup.update_refs`)."""
-        return self.update(scores.with_rollout(concat_rollouts(list(rollouts))))
+        `LearnerGroup.update_refs`). `offline`: preference pairs trained in the same update (data.online_fraction,
+        rlalign/offline/stream.py `mix`)."""
+        scored = scores.with_rollout(concat_rollouts(list(rollouts)))
+        return self.update(scored if offline is None else mix(scored, offline))
 
     def update(self, scored: ScoredRollouts) -> dict[str, float]:
         """One learning step on an iteration's scored rollouts; returns detached float metrics."""

@@ -66,3 +66,27 @@ def test_offline_dpo_trains_reports_bad_rows_and_resumes_exactly(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     start = load_file(str(_latest(full.run_dir) / LORA_FILE))
     assert any(float(torch.count_nonzero(v)) for k, v in start.items() if "lora_B" in k)  # the LoRA moved
+
+
+def test_online_fraction_mixes_human_pairs_into_the_samplers_updates(
+    ray_session: None, tiny_overrides: list[str], tiny_digits_dir: Path, tmp_path: Path
+) -> None:
+    """data.online_fraction = 0.25: each update holds the samplers' G best-vs-worst pairs and round(3 G) offline
+    pairs, so the online ones are a quarter of it."""
+    table = write_pickapic_fixture(tmp_path / "data", n_good=5, resolution=model_resolution(tiny_digits_dir))
+    cfg = load_config(
+        CONFIG,
+        [
+            "algo=diffusion_dpo",
+            f"data.preferences={table}",
+            "data.online_fraction=0.25",
+            "iterations=2",
+            *tiny_overrides,
+        ],
+    )
+    groups = cfg.sampler.prompts_per_worker * cfg.sampler.num_workers
+    rows = _rows(train(cfg, Console(quiet=True)).run_dir)
+    assert [r["offline/pairs"] for r in rows] == [3.0 * groups] * 2
+    assert all(r["learner/rows"] == 4.0 * groups for r in rows)  # G online pairs + 3 G offline pairs
+    assert all("reward/weighted/mean" in r and r["driver/bytes_in"] > 0 for r in rows)  # the samplers did sample
+    assert rows[1]["offline/pairs_seen"] == 6.0 * groups
