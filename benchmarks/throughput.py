@@ -180,12 +180,13 @@ def efficiency(run: dict[str, Any], alone_s: dict[str, float]) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------------- overhead
 def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     """The driver's sync iteration twice over: in this process without Ray (sample -> score -> learn -> hand the
-    LoRA to the sampler), and through the actors `rlalign.driver` spawns, called as `Loop._iteration` does.
+    LoRA to the sampler), and through the actors `rlalign.driver` spawns (sampler, reward actor, `LearnerGroup`),
+    with the rollout coming back to this process (the driver's loop now passes it by reference: docs/cluster.md).
     The two alternate iteration by iteration, so both see the same machine load (it moves by 2x within minutes on
     a shared machine, more than the overhead we look for)."""
     import ray
 
-    from rlalign.actors import gather, init_ray, spawn_workers
+    from rlalign.actors import init_ray, spawn_workers
     from rlalign.types import concat_rollouts
 
     with tempfile.TemporaryDirectory() as out:
@@ -214,7 +215,6 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     started = init_ray(cfg)
     w = spawn_workers(cfg, mdir)
-    timeout = cfg.ray.call_timeout_s
 
     def through_ray(batch: Any) -> tuple[list[float], int]:
         t = [time.perf_counter()]
@@ -222,16 +222,16 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         t.append(time.perf_counter())
         scored = w.rewards.score_rollout(rollout)
         t.append(time.perf_counter())
-        gather([w.learner.update.remote(scored)], timeout, "learner")
+        w.learner.update(scored)  # the LearnerGroup: every rank, metrics of rank 0
         t.append(time.perf_counter())
-        w.samplers.get(w.samplers.load(w.learner.export_weights.remote()), "sampler weight load")
+        w.samplers.get(w.samplers.load(w.learner.export_weights()), "sampler weight load")
         t.append(time.perf_counter())
         return [b - a for a, b in itertools.pairwise(t)], len(rollout)
 
     prompts = PromptSource(cfg.prompts, seed=cfg.seed)
     before, rows = load(), {"local": [], "ray": []}
     try:
-        w.samplers.get(w.samplers.load(w.learner.export_weights.remote()), "sampler weight load")
+        w.samplers.get(w.samplers.load(w.learner.export_weights()), "sampler weight load")
         for i in range(args.iterations):
             batch = prompts.next(cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt, 1)[0]
             order = ("local", "ray") if i % 2 == 0 else ("ray", "local")  # ABBA: neither always goes first

@@ -86,18 +86,6 @@ def _sampling(model_dir: Path) -> dict[str, Any]:
     return {**DEFAULT_SAMPLING, **{k: v for k, v in stored.items() if k in DEFAULT_SAMPLING}}
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-    )
-
-
 def _row(
     group: _Group, images: np.ndarray, prob: np.ndarray, read: np.ndarray, pair: tuple[int, int], side: int
 ) -> dict[str, Any]:
@@ -172,7 +160,7 @@ def _collect(
 
     Groups and seeds do not depend on `prompts_per_call` (one generator per image), so neither do the pairs.
     """
-    from rlalign.models.digits import sample_prompts
+    from rlalign.models.digits import _progress, sample_prompts  # the digits build's own progress bar
 
     k = plan.images_per_prompt
     groups, sides = _groups(plan.seed, k), np.random.default_rng([plan.seed, 1])

@@ -252,3 +252,32 @@ def test_learner_refuses_a_pickled_optimizer_state(tiny_overrides: list[str], tm
     shutil.copy(ckpt / "optimizer.pt", tmp_path / "copy.pt")
     torch.load(tmp_path / "copy.pt", weights_only=False)  # what weights_only=True prevents
     assert marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ offline preference data
+def test_missing_preference_table_is_named(tmp_path: Path) -> None:
+    msg = preflight_error("algo=diffusion_dpo", f"data.preferences={tmp_path / 'prefs.parquet'}")
+    assert msg == f"data.preferences: {tmp_path / 'prefs.parquet'} does not exist"
+
+
+def test_preference_table_without_the_mapped_columns_lists_what_it_has(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "prefs.parquet"
+    pq.write_table(
+        pa.table({"prompt": ["a"], "jpg_0": [b""], "jpg_1": [b""], "label_0": [1.0], "label_1": [0.0]}), path
+    )
+    msg = preflight_error("algo=diffusion_dpo", f"data.preferences={path}")
+    assert msg.startswith("data.preferences: ") and "'caption' (data.columns.caption)" in msg and "prompt" in msg
+    checked("algo=diffusion_dpo", f"data.preferences={path}", "data.columns.caption=prompt")  # mapped: accepted
+
+
+def test_preference_data_refused_for_an_algorithm_that_needs_its_own_samples(tmp_path: Path) -> None:
+    msg = preflight_error("algo=tailorpo", f"data.preferences={tmp_path}")
+    assert msg.startswith("data.preferences: algo=tailorpo cannot train on offline pairs; one of: dde_stepwise")
+    msg = preflight_error("algo=dde_stepwise", "dde.state_source=trajectory", f"data.preferences={tmp_path}")
+    assert msg.startswith("dde.state_source: offline pairs have no sampler trajectory")
+    assert preflight_error("algo=ncp_dpo", "data.online_fraction=1", f"data.preferences={tmp_path}").startswith(
+        "data.online_fraction: must be in [0, 1)"
+    )
