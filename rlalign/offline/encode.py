@@ -39,11 +39,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from rlalign.config import DataCfg, ModelCfg
+from rlalign.config import DataCfg, LoraCfg, ModelCfg
 from rlalign.offline.prefs import BadRowSummary, PrefColumns, _check_names, dataset_base_dir, read_preference_table
 
 CACHE_FORMAT = 1  # bump when the shard layout changes: old caches are then rebuilt, never misread
 SHARD_PAIRS = 2048  # pairs per safetensors shard
+_SHARD_KEYS = ("latent_w", "latent_l", "caption", "tie", "row")
 
 
 def columns_of(data: DataCfg) -> PrefColumns:
@@ -115,7 +116,7 @@ class PairEncoder:
     def __init__(self, model: ModelCfg, num_gpus: float) -> None:
         from rlalign.models.loading import load_parts
 
-        self.parts = load_parts(model, _no_lora(), num_steps=1, role="encoder", num_gpus=num_gpus)
+        self.parts = load_parts(model, LoraCfg(), num_steps=1, role="encoder", num_gpus=num_gpus)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -143,12 +144,6 @@ class PairEncoder:
         return (dist.mode().float() * self.parts.scaling_factor).cpu().numpy()
 
 
-def _no_lora() -> Any:
-    from rlalign.config import LoraCfg
-
-    return LoraCfg()
-
-
 # ------------------------------------------------------------------------------------------------- the cache
 @dataclass(frozen=True)
 class PrefCache:
@@ -174,14 +169,14 @@ class PrefCache:
     def take(self, index: np.ndarray) -> dict[str, Tensor]:
         """Pairs at global positions `index` (any order): x0_w, x0_l [P,C,h,w], cond [P,L,D], tie [P], row [P]."""
         starts = np.cumsum([0, *self.shard_sizes])
-        parts: dict[str, list[Tensor]] = {k: [] for k in ("latent_w", "latent_l", "caption", "tie", "row")}
-        for i in index.tolist():
-            shard = int(np.searchsorted(starts, i, side="right") - 1)
-            j = i - int(starts[shard])
+        shards = np.searchsorted(starts, index, side="right") - 1
+        rows: dict[int, dict[str, Tensor]] = {}  # position in `index` -> that pair's tensors
+        for shard in np.unique(shards).tolist():  # each shard opened once per batch
             with safe_open(str(self.directory / f"shard_{shard:05d}.safetensors"), framework="pt") as f:
-                for k in parts:
-                    parts[k].append(f.get_slice(k)[j : j + 1])
-        out = {k: torch.cat(v) for k, v in parts.items()}
+                for pos in np.flatnonzero(shards == shard).tolist():
+                    j = int(index[pos]) - int(starts[shard])
+                    rows[pos] = {k: f.get_slice(k)[j : j + 1] for k in _SHARD_KEYS}
+        out = {k: torch.cat([rows[pos][k] for pos in range(len(index))]) for k in _SHARD_KEYS}
         return {
             "x0_w": out["latent_w"],
             "x0_l": out["latent_l"],
@@ -195,7 +190,7 @@ class _ShardWriter:
     def __init__(self, directory: Path) -> None:
         self.directory, self.sizes, self.captions = directory, [], {}
         self.embeds: list[np.ndarray] = []
-        self._buf: dict[str, list[np.ndarray]] = {k: [] for k in ("latent_w", "latent_l", "caption", "tie", "row")}
+        self._buf: dict[str, list[np.ndarray]] = {k: [] for k in _SHARD_KEYS}
         self._n = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
