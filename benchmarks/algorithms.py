@@ -19,7 +19,9 @@ user would hold after spending B); a run that never reached B gives no value the
 Writes into --out: runs/<algo>-s<seed>/ (the training runs), results.json (every evaluation point), table.md
 (equal U-Net budgets, mean ± sample std over seeds, and each algorithm's final point) and accuracy_vs_unet.png
 (judge accuracy against U-Net evaluations, mean over seeds, one line per algorithm). Prints one JSON line and the
-table. `--reuse` parses runs already in --out instead of training again.
+table. A run already complete in --out (its report.html written) is parsed, not trained again, so the table can be
+built over several sessions (`--fresh` retrains it); an unfinished one is deleted and rerun. `--reuse` parses
+what is in --out and trains nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,9 +58,16 @@ def config_for(algo: str) -> tuple[Path, list[str]]:
 
 
 def train(algo: str, seed: int, args: argparse.Namespace, runs: Path) -> Path:
-    """One `rlalign train` subprocess; returns its run directory (stdout/stderr in train.log beside it)."""
+    """One `rlalign train` subprocess; returns its run directory (stdout/stderr in <name>.log beside it).
+
+    A complete run (report.html is the driver's last write) is kept unless --fresh; a partial one is removed so the
+    new run gets the same name (the driver would otherwise pick `<name>-1`)."""
     cfg, extra = config_for(algo)
     name = f"{algo}-s{seed}"
+    if (runs / name / "report.html").is_file() and not args.fresh:
+        print(f"{name}: complete in {runs}, reused")
+        return runs / name
+    shutil.rmtree(runs / name, ignore_errors=True)
     iterations = args.iterations if args.iterations else 1_000_000  # default: the time budget binds
     cmd = [
         sys.executable,
@@ -115,11 +125,13 @@ def curve(metrics_path: Path) -> list[dict[str, float]]:
     return points
 
 
-def at_budget(points: list[dict[str, float]], budget: float, key: str = "judge") -> float | None:
-    """The metric of the last evaluation with cost <= budget; None when the run never spent `budget`."""
-    if not points or points[-1]["unet_rows"] < budget:
+def at_budget(
+    points: list[dict[str, float]], budget: float, key: str = "judge", axis: str = "unet_rows"
+) -> float | None:
+    """The metric of the last evaluation with cost (on `axis`) <= budget; None when the run never spent `budget`."""
+    if not points or points[-1][axis] < budget:
         return None
-    return [p for p in points if p["unet_rows"] <= budget][-1][key]
+    return [p for p in points if p[axis] <= budget][-1][key]
 
 
 def mean_spread(values: list[float]) -> str:
@@ -166,27 +178,37 @@ def table(results: dict[str, dict[int, list[dict[str, float]]]], grid: list[floa
     return "\n".join(lines)
 
 
+def mean_curve(pts: list[list[dict[str, float]]], axis: str) -> tuple[list[float], list[float]]:
+    """Mean judge accuracy over seeds at each evaluation point on `axis` (unet_rows or wall_s), to the shortest run."""
+    end = min(p[-1][axis] for p in pts)
+    xs = sorted({q[axis] for p in pts for q in p if q[axis] <= end})
+    ys = [100 * statistics.fmean(v for p in pts if (v := at_budget(p, x, axis=axis)) is not None) for x in xs]
+    return xs, ys
+
+
 def plot(results: dict[str, dict[int, list[dict[str, float]]]], path: Path) -> None:
-    """Judge accuracy vs U-Net rows; per algorithm the mean over seeds of the step curves, up to the shortest run."""
+    """Judge accuracy vs U-Net rows (left) and vs wall seconds (right); per algorithm the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (by_rows, by_wall) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for algo, runs in results.items():
         pts = [p for p in runs.values() if p]
         if not pts:
             continue
-        end = min(p[-1]["unet_rows"] for p in pts)
-        xs = sorted({q["unet_rows"] for p in pts for q in p if q["unet_rows"] <= end})
-        ys = [100 * statistics.fmean(v for p in pts if (v := at_budget(p, x)) is not None) for x in xs]
-        ax.step([x / 1e6 for x in xs], ys, where="post", marker="o", markersize=3, label=f"{algo} (n={len(pts)})")
-    ax.set_xlabel("U-Net evaluations (million rows: sampling + branching + training)")
-    ax.set_ylabel("held-out prompt accuracy, independent judge (%)")
-    ax.set_title("digits model: accuracy vs compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        xs, ys = mean_curve(pts, "unet_rows")
+        by_rows.step([x / 1e6 for x in xs], ys, where="post", marker="o", markersize=3, label=f"{algo} (n={len(pts)})")
+        xs, ys = mean_curve(pts, "wall_s")
+        by_wall.step(xs, ys, where="post", marker="o", markersize=3, label=f"{algo} (n={len(pts)})")
+    by_rows.set_xlabel("U-Net evaluations (million rows: sampling + branching + training)")
+    by_wall.set_xlabel("training wall seconds (sum of time/iteration_s; evaluation excluded)")
+    by_rows.set_ylabel("held-out prompt accuracy, independent judge (%)")
+    fig.suptitle("digits model: accuracy vs compute (mean over seeds)")
+    for ax in (by_rows, by_wall):
+        ax.grid(alpha=0.3)
+    by_rows.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -201,6 +223,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10, help="eval.every: points on each curve")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-algos")
     parser.add_argument("--reuse", action="store_true", help="parse runs already in --out, train nothing")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs that are already complete in --out")
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
