@@ -241,6 +241,10 @@ class RunCfg:
     iterations: int = 100
     # stop after the iteration that crosses this many minutes of training (0: no limit); eval and save still run
     time_budget_min: float = 0.0
+    # stop after the iteration that crosses this many U-Net rows (cost/unet_rows summed: sampling, branching and
+    # training; evaluation not counted; 0: no limit). A compute budget that, unlike minutes, is the same on any
+    # machine and load: benchmarks/algorithms.py compares algorithms at equal cost with it
+    unet_rows_budget: int = 0
     algo: str = "tailorpo"  # a name from rlalign.algos.ALGORITHMS
     resume: str | None = None  # None | latest | a checkpoint directory
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -371,6 +375,7 @@ def _merge(base: Any, update: Any, *, source: str) -> Any:
 _RANGES: dict[str, str] = {
     "iterations": ">= 0",
     "time_budget_min": ">= 0",
+    "unet_rows_budget": ">= 0",
     "lora.rank": ">= 1",
     "lora.alpha": "> 0",
     "sampler.num_workers": ">= 1",

@@ -183,6 +183,15 @@ def _write_report(run_dir: Path, result: RunResult, console: Console) -> None:
     console.print(f"report        : {path}")
 
 
+def _unet_rows_logged(metrics_path: Path) -> float:
+    """U-Net rows the run's metrics.jsonl already accounts for (0 for a fresh run): a resumed run's budget counts
+    them, since resuming dropped the rows logged after its checkpoint."""
+    if not metrics_path.is_file():
+        return 0.0
+    rows = (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip())
+    return float(sum(r.get("cost/unet_rows", 0.0) for r in rows))
+
+
 def resume_hint(run_dir: Path) -> str:
     """What a stopped run prints last: its newest complete checkpoint and the exact command that resumes it."""
     try:
@@ -394,6 +403,7 @@ class Loop:
         self._reward_load(1.0)  # the reward actors' totals so far (start-up, the "before" evaluation): the baseline
         it = self.start_iter
         budget_s, t_start = cfg.time_budget_min * 60.0, time.perf_counter()
+        rows_spent = _unet_rows_logged(self.run_dir / "metrics.jsonl")  # a resume carries on from what it spent
         try:
             with _progress(self.console) as progress:
                 task = progress.add_task("training", total=cfg.iterations, completed=self.start_iter, stats="")
@@ -412,6 +422,14 @@ class Loop:
                     result.iterations_done = it
                     if budget_s and time.perf_counter() - t_start > budget_s and it < cfg.iterations:
                         self.console.print(f"time budget of {cfg.time_budget_min:g} min reached after {it} iterations")
+                        self._drain()
+                        break
+                    rows_spent += metrics.get("cost/unet_rows", 0.0)
+                    if cfg.unet_rows_budget and rows_spent >= cfg.unet_rows_budget and it < cfg.iterations:
+                        self.console.print(
+                            f"U-Net rows budget of {cfg.unet_rows_budget:,} reached after {it} iterations "
+                            f"({rows_spent:,.0f} rows)"
+                        )
                         self._drain()
                         break
                     if cfg.eval.stop_on_alarm and metrics.get("monitor/alarm") == 1.0 and it < cfg.iterations:

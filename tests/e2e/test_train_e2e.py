@@ -87,3 +87,16 @@ def test_time_budget_stops_early_but_still_saves_and_evaluates(ray_session: None
     assert result.iterations_done == 1  # the budget is checked after each iteration
     assert (result.run_dir / "ckpt" / "latest").read_text().strip() == "iter_000000"
     assert "eval/digit_accuracy" in result.after
+
+
+def test_unet_rows_budget_stops_after_the_iteration_that_crosses_it(
+    ray_session: None, tiny_overrides: list[str]
+) -> None:
+    cfg = load_config(CONFIG, ["algo=ddpo", "name=rows", "iterations=50", "unet_rows_budget=1", *tiny_overrides])
+    result = train(cfg, Console(quiet=True))
+    rows = _train_rows(result.run_dir)
+    assert result.iterations_done == 1 and rows[0]["cost/unet_rows"] > 1  # the first iteration alone crosses it
+    budget = 2 * rows[0]["cost/unet_rows"] - 1  # a resume counts the rows already spent: one more iteration
+    again = ["algo=ddpo", "name=rows", "iterations=50", f"unet_rows_budget={budget:.0f}", "resume=latest"]
+    resumed = train(load_config(CONFIG, [*again, *tiny_overrides]), Console(quiet=True))
+    assert resumed.iterations_done == 2 and [r["iteration"] for r in _train_rows(resumed.run_dir)] == [0, 1]

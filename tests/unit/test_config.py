@@ -250,6 +250,7 @@ OUT_OF_RANGE = [
     ("prompts.source=web", "prompts.source"),
     ("iterations=-1", "iterations"),
     ("time_budget_min=-1", "time_budget_min"),
+    ("unet_rows_budget=-1", "unet_rows_budget"),
     ("lora.rank=0", "lora.rank"),
     ("lora.alpha=0", "lora.alpha"),
     ("lora.target_modules=[]", "lora.target_modules"),
