@@ -32,7 +32,10 @@ def test_defaults_are_the_embedded_digits_run() -> None:
     assert (cfg.name, cfg.algo, cfg.iterations, cfg.time_budget_min) == ("digits", "tailorpo", 60, 7.0)
     assert (cfg.learner.lr, cfg.learner.micro_batch_size) == (3e-3, 32)
     assert (cfg.sampler.guidance_scale, cfg.sampler.batch_size, cfg.sampler.eta) == (3.0, 64, 1.0)
-    assert (cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt, cfg.sampler.num_steps) == (8, 4, 20)
+    # the TailorPO layer (rlalign/presets/digits_tailorpo.yaml): 10 DDIM steps, step pairs only above a 0.05 gap
+    assert (cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt, cfg.sampler.num_steps) == (8, 4, 10)
+    assert cfg.tailorpo.tie_eps == 0.05
+    assert load_config(None, ["algo=ddpo"]).sampler.num_steps == 20  # the layer is TailorPO's alone
     assert cfg.lora.target_modules == [
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"
     ]  # fmt: skip
