@@ -161,7 +161,8 @@ def budgets(results: dict[str, dict[int, list[dict[str, float]]]]) -> list[float
 
 def table(results: dict[str, dict[int, list[dict[str, float]]]], grid: list[float]) -> str:
     head = ["algorithm", "seeds", "base"] + [f"judge @ {rows_str(b)} rows" for b in grid]
-    head += ["judge final", "classifier final", "reward final", "U-Net rows final", "wall s final", "iterations"]
+    head += ["judge final", "gain (points)", "classifier final", "reward final", "U-Net rows final", "wall s final"]
+    head += ["iterations"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for algo, runs in results.items():
         pts = [p for p in runs.values() if p]
@@ -172,6 +173,8 @@ def table(results: dict[str, dict[int, list[dict[str, float]]]], grid: list[floa
         for b in grid:
             cells.append(mean_spread([v for p in pts if (v := at_budget(p, b)) is not None]))
         cells.append(mean_spread([p[-1]["judge"] for p in pts]))
+        # against the run's own base: algorithms sample at their own settings (the demo's TailorPO at 10 steps)
+        cells.append(mean_spread([p[-1]["judge"] - p[0]["judge"] for p in pts]))
         cells.append(mean_spread([p[-1]["classifier"] for p in pts]))
         cells.append(f"{statistics.fmean(p[-1]['reward'] for p in pts):.3f}")
         cells.append(rows_str(statistics.fmean(p[-1]["unet_rows"] for p in pts)))
