@@ -186,10 +186,7 @@ def _write_report(run_dir: Path, result: RunResult, console: Console) -> None:
 def _unet_rows_logged(metrics_path: Path) -> float:
     """U-Net rows the run's metrics.jsonl already accounts for (0 for a fresh run): a resumed run's budget counts
     them, since resuming dropped the rows logged after its checkpoint."""
-    if not metrics_path.is_file():
-        return 0.0
-    rows = (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip())
-    return float(sum(r.get("cost/unet_rows", 0.0) for r in rows))
+    return float(sum(r.get("cost/unet_rows", 0.0) for r in read_metrics(metrics_path)))
 
 
 def resume_hint(run_dir: Path) -> str:
