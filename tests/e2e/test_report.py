@@ -86,7 +86,7 @@ def test_report_of_a_tiny_run_in_headless_chromium(tiny_overrides: list[str], tm
     assert 'pipe.load_lora_weights("' + str((result.run_dir / "ckpt" / "iter_000001" / "diffusers_lora").resolve()) in (
         text
     )
-    assert "sampler.num_steps 20 4" in text  # config diff: tiny.yaml sets 4 steps, the digits preset 20
+    assert "sampler.num_steps 10 4" in text  # config diff: tiny.yaml sets 4 steps, the TailorPO digits preset 10
     assert "Held-out images, before and after" in text
     # before/after pairs as cards: each held-out prompt in page text (not a bitmap), with its two tiles
     side = json.loads((result.run_dir / "images" / "eval_before_iter_000000.png").with_suffix(".json").read_text())
