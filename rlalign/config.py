@@ -283,6 +283,18 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _parse_overrides(overrides: Sequence[str]) -> Any:
+    """`a.b=value` strings -> one OmegaConf layer; a value YAML cannot read is a ConfigError naming its override
+    (YAML flow maps need a space after each colon: `reward.models=[{name: digit_prompt, weight: 1.0}]`)."""
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except Exception as err:  # yaml's ScannerError/ParserError, OmegaConf's key grammar errors
+            why = " ".join(str(err).split())
+            raise ConfigError(f"{override}: not a valid key=value override ({why})") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RunCfg:
     """Defaults <- digits preset (embedded model only; then its layer for the run's algorithm, if there is one)
     <- YAML file <- `a.b=value` overrides, then `validate`.
@@ -297,7 +309,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     if path is not None:
         layers.append((_load_yaml(Path(path)), str(path)))
     if overrides:
-        layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
+        layers.append((_parse_overrides(overrides), "command line"))
     schema = OmegaConf.structured(RunCfg)
     merged = _merge_layers(schema, layers)
     if uses_digits_preset(merged.model.kind, merged.model.path):

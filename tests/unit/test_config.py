@@ -135,6 +135,11 @@ def test_bad_override_names_command_line() -> None:
         load_config(None, ["sampler.eta=high"])
     with pytest.raises(ConfigError, match=r"key\.sub=value"):
         load_config(None, ["sampler.eta"])
+    # YAML that does not parse (a flow map without spaces after its colons) names the override, not a traceback
+    bad = "reward.models=[{name:digit_prompt,options:{log_prob:true}}]"
+    with pytest.raises(ConfigError, match=r"^reward\.models=\[\{name:digit_prompt,.*: not a valid key=value override"):
+        load_config(None, ["iterations=3", bad])
+    assert load_config(None, ["reward.models=[{name: digit_prompt, weight: 2.0}]"]).reward.models[0].weight == 2.0
 
 
 @pytest.mark.parametrize(
