@@ -246,3 +246,64 @@ def test_guided_candidate_negative_step_and_the_samplers_former_formula() -> Non
         former = x + sign * (0.2 * std.to(grad).view(-1, 1, 1, 1) * grad / rms)
         assert torch.equal(guided_candidate(x, grad, sign * 0.2, std=std, norm="rms_sigma"), former)
         assert torch.equal(guided_candidate(x, grad, sign * 0.2, norm="none"), x + sign * (0.2 * grad))
+
+
+def _distill_cfg(**kw) -> TailorPOCfg:
+    return TailorPOCfg(min_std=1e-6, distill_weight=0.5, distill_top=2, **kw)
+
+
+def test_distill_rows_are_the_best_final_latents_of_each_group() -> None:
+    scored = make_scored(groups=2, per_group=3, with_step_pairs=True)  # distinct scores, no ties
+    scored.scores[:] = torch.tensor([0.9, 0.1, 0.5, 0.2, 0.8, 0.6])
+    b = build_batch(scored, _distill_cfg(distill_min_score=0.55), torch.Generator().manual_seed(0))
+    n_pairs = 6 * 10
+    assert b.t.shape[0] == n_pairs + 3 and int(b.distill.sum()) == 3  # group 0: 0.9 (0.5 < 0.55); group 1: 0.8, 0.6
+    rows = torch.nonzero(b.distill).flatten()
+    latents = scored.rollout.latents[:, -1]
+    picked = sorted(int((latents == b.x_t[i]).flatten(1).all(1).nonzero()) for i in rows)
+    assert picked == [0, 4, 5]
+    assert torch.all(b.x_l[rows] == 0) and torch.all((b.t[rows] >= 0) & (b.t[rows] <= 999))
+    for i in rows:  # each distillation row keeps its own image's prompt embedding and final score
+        j = int((latents == b.x_t[i]).flatten(1).all(1).nonzero())
+        assert torch.equal(b.cond[i], scored.rollout.prompt_embeds[j]) and float(b.reward_w[i]) == float(
+            scored.scores[j]
+        )
+    plain = build_batch(scored, TailorPOCfg(), torch.Generator().manual_seed(0))
+    assert plain.t.shape[0] == n_pairs and not bool(plain.distill.any())  # distill_weight 0: the paper's TailorPO
+
+
+def test_distill_loss_is_pair_loss_plus_weighted_denoising_error(tiny_model) -> None:
+    """Fresh LoRA: pair rows are ln 2; the total is the row mean of ln 2 (pairs) and w * mse (distillation rows),
+    the mse being the policy's error against the noise at x_t = sqrt(abar) x0 + sqrt(1 - abar) noise."""
+    from rlalign.sampling.logprob import add_noise
+
+    cfg = _distill_cfg()
+    b = _batch(cfg, groups=2, per_group=2)
+    fwd = ALGO.forward(tiny_model, b, cfg)
+    out = ALGO.loss(fwd, cfg)
+    d = torch.nonzero(b.distill).flatten()
+    n, m = b.t.shape[0], d.shape[0]
+    assert m == 4 and not bool(fwd.keep[d].any())
+    with torch.no_grad():
+        x = add_noise(tiny_model.alphas_cumprod, b.x_t[d], b.x_w[d], b.t[d])
+        mse = (tiny_model.predict(x, b.t[d], b.cond[d]) - b.x_w[d]).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(fwd.distill_err[d], mse)
+    expected = ((n - m) * math.log(2) + cfg.distill_weight * float(mse.sum())) / n
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(out.metrics["loss/pref"]) == pytest.approx(math.log(2), abs=1e-7)  # DPO part: ln 2 at step 0
+    torch.testing.assert_close(microbatch_mean(ALGO, tiny_model, b, cfg, 5), out.loss.detach())
+
+
+def test_distill_step_lowers_the_denoising_error_of_the_chosen_images(tiny_model) -> None:
+    cfg = TailorPOCfg(beta=0.0, min_std=1e-6, distill_weight=1.0, distill_top=2)  # beta 0: pairs give no gradient
+    b = _batch(cfg, groups=2, per_group=2)
+    d = b.distill
+    before = ALGO.forward(tiny_model, b, cfg).distill_err[d].mean().item()
+    adam_step(tiny_model, lambda: run_algo(ALGO, tiny_model, b, cfg).loss)
+    assert ALGO.forward(tiny_model, b, cfg).distill_err[d].mean().item() < before
+
+
+@pytest.mark.parametrize(("field", "value"), [("distill_weight", -1.0), ("distill_top", 0)])
+def test_distill_settings_are_checked(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"tailorpo.{field}"):
+        TailorPOCfg(**{field: value})
