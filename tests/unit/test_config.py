@@ -36,6 +36,8 @@ def test_defaults_are_the_embedded_digits_run() -> None:
     assert (cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt, cfg.sampler.num_steps) == (8, 4, 10)
     assert cfg.tailorpo.tie_eps == 0.05
     assert load_config(None, ["algo=ddpo"]).sampler.num_steps == 20  # the layer is TailorPO's alone
+    g = load_config(None, ["algo=tailorpo_g"])  # TailorPO-G's layer: TailorPO's plus guidance without U-Net backprop
+    assert (g.sampler.num_steps, g.tailorpo.tie_eps, g.tailorpo.guidance_grad) == (10, 0.05, "stopgrad_eps")
     assert cfg.lora.target_modules == [
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"
     ]  # fmt: skip
