@@ -141,6 +141,12 @@ class LearnerCfg:
     micro_batch_size: int = 8  # training rows per forward/backward; losses are averaged exactly over the batch
     epochs: int = 1  # passes over each iteration's batch
     optimizer_steps: int = 1  # optimiser steps per pass (the batch is split into this many shuffled chunks)
+    # lr over the run's updates (one per iteration): constant, or cosine from lr down to lr * lr_min_frac at the
+    # last planned iteration (`iterations`; a run stopped earlier by a budget ends above the minimum); after
+    # `warmup_iterations` of linear warm-up in either case. A pure function of the update count: resumes exactly
+    lr_schedule: str = "constant"
+    lr_min_frac: float = 0.1
+    warmup_iterations: int = 0
     # learner actors in one torch.distributed group (gloo on CPU, NCCL on GPU): each runs a share of every chunk's
     # micro-batches, gradients are summed, same LoRA as one learner (docs/cluster.md); num_cpus etc. are per learner
     num_workers: int = 1
@@ -278,6 +284,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "prompts.source": ("digits", "file"),
     "reward.target": ("x0_hat", "noisy", "final"),
     "ray.mode": ("sync", "async"),
+    "learner.lr_schedule": ("constant", "cosine"),
     "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "data.ties": ("drop", "keep"),
 }
@@ -407,6 +414,8 @@ _RANGES: dict[str, str] = {
     "learner.micro_batch_size": ">= 1",
     "learner.epochs": ">= 1",
     "learner.optimizer_steps": ">= 1",
+    "learner.lr_min_frac": "in [0, 1]",
+    "learner.warmup_iterations": ">= 0",
     "learner.num_workers": ">= 1",
     "learner.num_cpus": ">= 0",
     "learner.num_gpus": ">= 0",
@@ -443,7 +452,12 @@ _RANGES: dict[str, str] = {
     "data.encode_batch_size": ">= 1",
     "data.max_pairs": ">= 0",
 }
-_RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1}
+_RULES = {
+    ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
 
 
 def validate(cfg: RunCfg) -> None:

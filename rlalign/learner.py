@@ -37,7 +37,7 @@ from rlalign import distributed
 from rlalign.algos import get_algorithm
 from rlalign.algos.common import num_rows, slice_rows
 from rlalign.checkpoint import fsync_tree, read_tree, write_tree
-from rlalign.config import RunCfg
+from rlalign.config import LearnerCfg, RunCfg
 from rlalign.models.denoiser import UNetDenoiser
 from rlalign.models.loading import DiffusionParts, lora_metadata, save_diffusers_lora, save_peft_lora
 from rlalign.offline.stream import mix
@@ -106,6 +106,10 @@ class Learner:
         if rows == 0:  # every group tied: nothing to learn from, weights stay as they are
             metrics["learner/skipped"] = 1.0
             return metrics
+        lr = scheduled_lr(self.updates, self.cfg, self.run_cfg.iterations)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        metrics["learner/lr"] = lr
         steps = max(1, min(self.cfg.optimizer_steps, rows))
         bounds = np.linspace(0, rows, steps + 1).round().astype(int)
         sums: dict[str, float] = {}
@@ -270,6 +274,26 @@ class Learner:
         torch.set_rng_state(blob["torch"])
         self.version, self.updates = int(state["version"]), int(state["updates"])
         return self.version
+
+
+def scheduled_lr(update: int, cfg: LearnerCfg, iterations: int) -> float:
+    """The AdamW lr of the run's `update`-th learner update (0-based; one per iteration, except iterations that
+    had nothing to learn from).
+
+    Linear warm-up over the first `warmup_iterations` updates ((u + 1) / warmup of the peak), then `constant`: lr,
+    or `cosine`: lr_min + (lr - lr_min) (1 + cos(pi p)) / 2 with p = (u - warmup) / (iterations - 1 - warmup), from
+    lr at the first update after warm-up to lr_min = lr * lr_min_frac at the last planned iteration, held there
+    after (a resumed run given more iterations). Depends only on the update count, so a resume is exact.
+    """
+    if update < cfg.warmup_iterations:
+        return cfg.lr * (update + 1) / cfg.warmup_iterations
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = iterations - 1 - cfg.warmup_iterations
+    since = update - cfg.warmup_iterations
+    progress = min(1.0, since / span) if span > 0 else float(since > 0)  # one planned update: it gets the peak
+    low = cfg.lr * cfg.lr_min_frac
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _take(batch: Any, index: torch.Tensor) -> Any:

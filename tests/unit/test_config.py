@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,20 @@ def test_algo_on_the_embedded_model_gets_its_calibrated_layer(
     assert load_config(None, [f"algo={algo}", "learner.lr=5e-4"]).learner.lr == 5e-4
     sd = load_config(None, [f"algo={algo}", f"model.path={tmp_path}", "reward.models=[{name: jpeg}]"])
     assert sd.learner.lr == RunCfg().learner.lr and sd.dde.beta == 1000.0
+
+
+def test_scheduled_lr_hand_values() -> None:
+    from rlalign.config import LearnerCfg
+    from rlalign.learner import scheduled_lr
+
+    const = LearnerCfg(lr=1e-3)
+    assert [scheduled_lr(u, const, 5) for u in (0, 3, 9)] == [1e-3, 1e-3, 1e-3]
+    cos = LearnerCfg(lr=1e-3, lr_schedule="cosine", lr_min_frac=0.1)
+    # 5 iterations: p = 0, 1/4, 1/2, 3/4, 1 -> 1e-4 + 9e-4 * (1 + cos(pi p)) / 2
+    got = [scheduled_lr(u, cos, 5) for u in range(7)]
+    want = [1e-3, 1e-4 + 9e-4 * (1 + math.sqrt(0.5)) / 2, 5.5e-4, 1e-4 + 9e-4 * (1 - math.sqrt(0.5)) / 2, 1e-4]
+    assert got[:5] == pytest.approx(want, rel=1e-12) and got[5:] == pytest.approx([1e-4, 1e-4])  # held after the end
+    warm = LearnerCfg(lr=1e-3, lr_schedule="cosine", lr_min_frac=0.0, warmup_iterations=2)
+    assert [scheduled_lr(u, warm, 5) for u in range(5)] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 0.0], abs=1e-15)
+    one = LearnerCfg(lr=1e-3, lr_schedule="cosine")  # a single planned iteration trains at the peak
+    assert (scheduled_lr(0, one, 1), scheduled_lr(1, one, 1)) == pytest.approx((1e-3, 1e-4))
