@@ -38,22 +38,6 @@ def best_vs_worst(group_ids: Tensor, scores: Tensor, min_gap: float = 0.0) -> tu
     return torch.tensor(win, dtype=torch.long), torch.tensor(lose, dtype=torch.long)
 
 
-def top_of_each_group(group_ids: Tensor, scores: Tensor, top: int, min_score: float | None = None) -> Tensor:
-    """Row indices [M] of the `top` highest scores of each group (ties: the earlier row first), ascending group id,
-    best first within a group; with `min_score`, only rows scoring at least that (TailorPO's search distillation).
-    """
-    if group_ids.shape != scores.shape or scores.ndim != 1:
-        raise ValueError(f"need group_ids and scores of one shape [B], got {group_ids.shape} and {scores.shape}")
-    if top < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
-    sc = scores.detach().cpu().double()
-    out: list[int] = []
-    for rows in _groups(group_ids):
-        order = sorted(range(len(rows)), key=lambda i: (-float(sc[rows[i]]), i))[:top]
-        out.extend(int(rows[i]) for i in order if min_score is None or sc[rows[i]] >= min_score)
-    return torch.tensor(out, dtype=torch.long)
-
-
 def all_pairs_above_margin(group_ids: Tensor, scores: Tensor, margin: float) -> tuple[Tensor, Tensor]:
     """Every ordered pair (i, j) inside a group with `scores[i] - scores[j] > margin` -> (win_idx, lose_idx) [P]."""
     if group_ids.shape != scores.shape or scores.ndim != 1:

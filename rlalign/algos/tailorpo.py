@@ -29,20 +29,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rlalign.algos.common import (
-    DiffusionModel,
-    LossOutput,
-    batch_to,
-    guided_eps,
-    logistic_preference_loss,
-    per_sample_mse,
-)
-from rlalign.pairing import step_best_vs_worst, top_of_each_group
-from rlalign.sampling.logprob import add_noise, ddim_mean_coeffs, ddim_mean_std, ddim_std, denoising_target, log_ratio
+from rlalign.algos.common import DiffusionModel, LossOutput, batch_to, guided_eps, logistic_preference_loss
+from rlalign.pairing import step_best_vs_worst
+from rlalign.sampling.logprob import ddim_mean_coeffs, ddim_mean_std, ddim_std, log_ratio
 from rlalign.types import ScoredRollouts
 
 GUIDANCE_NORMS = ("rms_sigma", "none")
-DISTILL_TIMESTEPS = 1000  # distillation rows draw t uniformly from [0, 999], the training schedule's range
 GUIDANCE_GRADS = ("full", "stopgrad_eps")
 
 
@@ -67,12 +59,6 @@ class TailorPOCfg:
     guidance_grad: str = "full"
     # also push the loser down the reward gradient (x- = x_l - eta_g * g_l); off by default
     guide_loser: bool = False
-    # search distillation (docs/algorithms.md section 5.3; not in the paper, 0 = off = the paper's TailorPO): the
-    # final latents of the searched trajectories, `distill_top` best of each prompt group scoring at least
-    # `distill_min_score` (null: no threshold), join the batch as denoising rows weighted by `distill_weight`
-    distill_weight: float = 0.0
-    distill_top: int = 1
-    distill_min_score: float | None = None
 
     def __post_init__(self) -> None:
         if self.guidance_norm not in GUIDANCE_NORMS:
@@ -81,28 +67,19 @@ class TailorPOCfg:
             raise ValueError(f"tailorpo.guidance_grad must be one of {GUIDANCE_GRADS}, got {self.guidance_grad!r}")
         if self.k < 2:
             raise ValueError(f"tailorpo.k must be >= 2, got {self.k}")
-        if self.distill_weight < 0:
-            raise ValueError(f"tailorpo.distill_weight must be >= 0, got {self.distill_weight}")
-        if self.distill_top < 1:
-            raise ValueError(f"tailorpo.distill_top must be >= 1, got {self.distill_top}")
         if not self.min_std > 0:  # std = 0 steps (eta = 0, set_alpha_to_one) have no density to train
             raise ValueError(f"tailorpo.min_std must be > 0, got {self.min_std}")
 
 
 class TailorPOBatch(NamedTuple):
-    """Pair rows (distill False) and, with distill_weight > 0, search-distillation rows (distill True), shuffled
-    together. A distillation row reuses the pair fields: x_t = the clean final latent x0, x_w = its noise draw,
-    x_l = zeros, t = a training timestep in [0, 999], reward_w = the image's final score."""
-
-    x_t: Tensor  # [N,C,h,w] shared state (distillation row: final latent x0)
-    x_w: Tensor  # [N,C,h,w] preferred candidate, x^+ for TailorPO-G (distillation row: noise)
-    x_l: Tensor  # [N,C,h,w] dispreferred candidate (distillation row: zeros)
-    t: Tensor  # [N] int64 timestep of x_t (distillation row: the training timestep of the noise)
+    x_t: Tensor  # [N,C,h,w] shared state
+    x_w: Tensor  # [N,C,h,w] preferred candidate (x^+ for TailorPO-G)
+    x_l: Tensor  # [N,C,h,w] dispreferred candidate
+    t: Tensor  # [N] int64 timestep of x_t
     cond: Tensor  # [N,L,D] prompt embeddings
     uncond: Tensor  # [N,L,D] empty-prompt embeddings (expanded)
-    reward_w: Tensor  # [N] step-wise rewards (logging only; distillation row: the final score)
+    reward_w: Tensor  # [N] step-wise rewards (logging only)
     reward_l: Tensor  # [N]
-    distill: Tensor  # [N] bool, a search-distillation row
     eta: float  # the sampler's DDIM eta (the learner rebuilds its Gaussian step)
     guidance_scale: float  # the sampler's classifier-free guidance w
 
@@ -110,10 +87,8 @@ class TailorPOBatch(NamedTuple):
 class TailorPOForward(NamedTuple):
     lr_w: Tensor  # [N] log pi_theta(x_w) - log pi_ref(x_w) (0 where not kept)
     lr_l: Tensor  # [N]
-    keep: Tensor  # [N] bool, a pair row with std >= min_std
+    keep: Tensor  # [N] bool, std >= min_std
     std: Tensor  # [N] DDIM std of the step
-    distill_err: Tensor  # [N] policy denoising MSE of distillation rows (0 elsewhere)
-    distill: Tensor  # [N] bool
 
 
 def rank_candidates(rewards: Tensor, tie_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,44 +122,25 @@ def guided_candidate(
 
 
 def build_batch(scored: ScoredRollouts, cfg: TailorPOCfg, generator: torch.Generator) -> TailorPOBatch:
-    """Pure: valid step pairs of every trajectory, flattened (b, step) -> rows, plus the search-distillation rows
-    when distill_weight > 0, shuffled together (docs/algorithms/tailorpo.md 2.5; docs/algorithms.md 5.3)."""
+    """Pure: valid step pairs of every trajectory, flattened (b, step) -> rows, shuffled (docs/algorithms/tailorpo.md
+    2.5)."""
     r = scored.rollout
     sp = r.step_pairs
     if sp is None:
         raise ValueError("tailorpo needs rollout.step_pairs: the sampler must branch (Algorithm.needs_step_pairs)")
     b_idx, s_idx = torch.nonzero(sp.valid, as_tuple=True)
-    pairs = [
-        sp.x_t[b_idx, s_idx],
-        sp.x_w[b_idx, s_idx],
-        sp.x_l[b_idx, s_idx],
-        sp.timesteps[s_idx].long(),
-        r.prompt_embeds[b_idx],
-        sp.reward_w[b_idx, s_idx].float(),
-        sp.reward_l[b_idx, s_idx].float(),
-        torch.zeros(b_idx.shape[0], dtype=torch.bool),
-    ]
-    if cfg.distill_weight > 0:
-        rows = top_of_each_group(r.group_ids, scored.scores, cfg.distill_top, cfg.distill_min_score)
-        x0 = r.latents[rows, -1]
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.dtype)
-        t = torch.randint(0, DISTILL_TIMESTEPS, (rows.shape[0],), generator=generator)
-        extra = [x0, noise, torch.zeros_like(x0), t, r.prompt_embeds[rows], scored.scores[rows].float()]
-        extra += [torch.zeros(rows.shape[0]), torch.ones(rows.shape[0], dtype=torch.bool)]
-        pairs = [torch.cat([a, b.to(a.dtype)]) for a, b in zip(pairs, extra, strict=True)]
-    x_t, x_w, x_l, t, cond, reward_w, reward_l, distill = pairs
-    perm = torch.randperm(t.shape[0], generator=generator)
-    n = t.shape[0]
+    perm = torch.randperm(b_idx.shape[0], generator=generator)
+    b_idx, s_idx = b_idx[perm], s_idx[perm]
+    n = b_idx.shape[0]
     return TailorPOBatch(
-        x_t=x_t[perm],
-        x_w=x_w[perm],
-        x_l=x_l[perm],
-        t=t[perm],
-        cond=cond[perm],
+        x_t=sp.x_t[b_idx, s_idx],
+        x_w=sp.x_w[b_idx, s_idx],
+        x_l=sp.x_l[b_idx, s_idx],
+        t=sp.timesteps[s_idx].long(),
+        cond=r.prompt_embeds[b_idx],
         uncond=r.negative_embeds[:1].expand(n, -1, -1),
-        reward_w=reward_w[perm],
-        reward_l=reward_l[perm],
-        distill=distill[perm],
+        reward_w=sp.reward_w[b_idx, s_idx].float(),
+        reward_l=sp.reward_l[b_idx, s_idx].float(),
         eta=r.eta,
         guidance_scale=r.guidance_scale,
     )
@@ -215,12 +171,10 @@ def step_log_ratios(
 
 
 def forward(model: DiffusionModel, batch: TailorPOBatch, cfg: TailorPOCfg) -> TailorPOForward:
-    """Model calls only on pair rows with std >= min_std (other pair rows get lr = 0, see module docstring) and on
-    distillation rows (policy only: their error against the regression target of x0 noised to t)."""
+    """Model calls only on rows with std >= min_std; other rows get lr = 0 (see module docstring)."""
     n = batch.t.shape[0]
-    distill = batch.distill.cpu()
     std_all = ddim_std(model.scheduler, batch.t.cpu(), batch.eta, n, torch.device("cpu"))
-    keep = (std_all >= cfg.min_std) & ~distill
+    keep = std_all >= cfg.min_std
     b = batch_to(batch, model.alphas_cumprod.device)
     idx = torch.nonzero(keep).flatten().to(b.t.device)
     lr_w = torch.zeros(n, device=b.t.device)
@@ -238,14 +192,7 @@ def forward(model: DiffusionModel, batch: TailorPOBatch, cfg: TailorPOCfg) -> Ta
         )
         lr_w = lr_w.index_copy(0, idx, w.float())
         lr_l = lr_l.index_copy(0, idx, lo.float())
-    err = torch.zeros(n, device=b.t.device)
-    d_idx = torch.nonzero(distill).flatten().to(b.t.device)
-    if d_idx.numel() > 0:
-        x0, noise, t = b.x_t[d_idx].float(), b.x_w[d_idx].float(), b.t[d_idx]
-        x_noisy = add_noise(model.alphas_cumprod, x0, noise, t)
-        target = denoising_target(model.scheduler, x0, noise, t)
-        err = err.index_copy(0, d_idx, per_sample_mse(model.predict(x_noisy, t, b.cond[d_idx]), target))
-    return TailorPOForward(lr_w, lr_l, keep.to(b.t.device), std_all.float().to(b.t.device), err, distill.to(b.t.device))
+    return TailorPOForward(lr_w, lr_l, keep.to(b.t.device), std_all.float().to(b.t.device))
 
 
 def tailorpo_loss(
@@ -290,32 +237,7 @@ def tailorpo_loss(
 
 
 def loss(fwd: TailorPOForward, cfg: TailorPOCfg) -> LossOutput:
-    """TailorPO's loss over the pair rows; with distillation rows, the mean over all rows of the pair loss (pair
-    rows) and distill_weight * denoising MSE (distillation rows). Without them this is `tailorpo_loss` exactly."""
     zero = torch.zeros_like(fwd.lr_w)
-    pairs = ~fwd.distill
-    if not bool(fwd.distill.any()):
-        return tailorpo_loss(
-            fwd.lr_w, fwd.lr_l, zero, zero, beta=cfg.beta, keep=fwd.keep, ratio_clip_eps=cfg.ratio_clip_eps
-        )
-    n = fwd.lr_w.shape[0]
-    n_pairs = int(pairs.sum())
-    if n_pairs:
-        idx = torch.nonzero(pairs).flatten()
-        pref = tailorpo_loss(
-            fwd.lr_w[idx],
-            fwd.lr_l[idx],
-            zero[idx],
-            zero[idx],
-            beta=cfg.beta,
-            keep=fwd.keep[idx],
-            ratio_clip_eps=cfg.ratio_clip_eps,
-        )
-        pair_loss, metrics = pref.loss * (n_pairs / n), dict(pref.metrics)
-        metrics["loss/pref"] = pref.loss.detach()  # mean over this micro-batch's pairs: ln 2 at step 0
-    else:
-        pair_loss, metrics = fwd.lr_w.sum() * 0.0, {}
-    d = fwd.distill_err[fwd.distill]
-    metrics["tailorpo/distill_err"] = d.detach().mean()
-    metrics["tailorpo/distill_frac"] = torch.tensor((n - n_pairs) / n)
-    return LossOutput(pair_loss + cfg.distill_weight * d.sum() / n, metrics)
+    return tailorpo_loss(
+        fwd.lr_w, fwd.lr_l, zero, zero, beta=cfg.beta, keep=fwd.keep, ratio_clip_eps=cfg.ratio_clip_eps
+    )

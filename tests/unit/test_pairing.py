@@ -5,13 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlalign.pairing import (
-    all_pairs_above_margin,
-    best_vs_worst,
-    group_normalize,
-    step_best_vs_worst,
-    top_of_each_group,
-)
+from rlalign.pairing import all_pairs_above_margin, best_vs_worst, group_normalize, step_best_vs_worst
 
 
 def test_best_vs_worst_per_group_with_ties_and_gap() -> None:
@@ -59,15 +53,3 @@ def test_step_best_vs_worst() -> None:
     assert win.tolist() == [1, 0, 2] and lose.tolist() == [0, 0, 1] and valid.tolist() == [True, False, True]
     _, _, valid = step_best_vs_worst(rewards, tie_eps=1.5)
     assert valid.tolist() == [False, False, True]
-
-
-def test_top_of_each_group_hand_case() -> None:
-    groups = torch.tensor([1, 0, 1, 0, 1, 0])
-    scores = torch.tensor([0.2, 0.9, 0.7, 0.9, 0.4, 0.1])
-    # group 0 rows 1, 3, 5 (0.9, 0.9, 0.1): the tie keeps row order; group 1 rows 0, 2, 4 (0.2, 0.7, 0.4)
-    assert top_of_each_group(groups, scores, 2).tolist() == [1, 3, 2, 4]
-    assert top_of_each_group(groups, scores, 1).tolist() == [1, 2]
-    assert top_of_each_group(groups, scores, 3, min_score=0.4).tolist() == [1, 3, 2, 4]
-    assert top_of_each_group(groups, scores, 5, min_score=0.95).tolist() == []
-    with pytest.raises(ValueError, match="top must be >= 1"):
-        top_of_each_group(groups, scores, 0)
