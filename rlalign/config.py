@@ -303,8 +303,9 @@ def _parse_overrides(overrides: Sequence[str]) -> Any:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RunCfg:
-    """Defaults <- digits preset (embedded model only; then its layer for the run's algorithm, if there is one)
-    <- YAML file <- `a.b=value` overrides, then `validate`.
+    """Defaults <- digits preset (embedded model only; then its layer for the run's algorithm, if there is one:
+    the algorithm the file or the overrides name, else the preset's own) <- YAML file <- `a.b=value` overrides,
+    then `validate`.
 
     Raises ConfigError naming the bad key and its source. The preset layer is decided by the file and overrides
     together (see `uses_digits_preset`), so `rlalign train model.path=/models/sd15` gets the neutral defaults.
@@ -321,7 +322,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     merged = _merge_layers(schema, layers)
     if uses_digits_preset(merged.model.kind, merged.model.path):
         preset = _merge(schema, _load_yaml(digits_preset_path()), source=str(digits_preset_path()))
-        for_algo = digits_preset_path(merged.algo)  # the algorithm's calibrated settings on this model, if any
+        # the demo's algorithm is the preset's unless the file or the command line names one
+        named = any(OmegaConf.select(layer, "algo", default=None) is not None for layer, _ in layers)
+        for_algo = digits_preset_path(merged.algo if named else preset.algo)  # its calibrated layer, if any
         if for_algo.is_file():
             preset = _merge(preset, _load_yaml(for_algo), source=str(for_algo))
         merged = _merge_layers(preset, layers)

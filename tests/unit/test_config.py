@@ -30,15 +30,19 @@ def test_defaults_are_the_embedded_digits_run() -> None:
     assert isinstance(cfg, RunCfg)
     assert cfg.model.kind == "digits" and cfg.model.path is None
     assert cfg.reward.models[0].name == "digit_prompt" and len(cfg.reward.models) == 1
-    assert (cfg.name, cfg.algo, cfg.iterations, cfg.time_budget_min) == ("digits", "tailorpo", 60, 7.0)
+    assert (cfg.name, cfg.algo, cfg.iterations, cfg.time_budget_min) == ("digits", "tailorpo_g", 60, 7.0)
     assert (cfg.learner.lr, cfg.learner.micro_batch_size) == (3e-3, 32)
     assert (cfg.sampler.guidance_scale, cfg.sampler.batch_size, cfg.sampler.eta) == (3.0, 64, 1.0)
-    # the TailorPO layer (rlalign/presets/digits_tailorpo.yaml): 10 DDIM steps, step pairs only above a 0.05 gap
+    # the demo's TailorPO-G layer (rlalign/presets/digits_tailorpo_g.yaml): 10 DDIM steps, step pairs only above a
+    # 0.05 gap, the winner moved 0.3 sigma up the reward gradient without U-Net backprop
     assert (cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt, cfg.sampler.num_steps) == (8, 4, 10)
-    assert cfg.tailorpo.tie_eps == 0.05
-    assert load_config(None, ["algo=ddpo"]).sampler.num_steps == 20  # the layer is TailorPO's alone
-    g = load_config(None, ["algo=tailorpo_g"])  # TailorPO-G's layer: TailorPO's plus guidance without U-Net backprop
-    assert (g.sampler.num_steps, g.tailorpo.tie_eps, g.tailorpo.guidance_grad) == (10, 0.05, "stopgrad_eps")
+    assert (cfg.tailorpo.tie_eps, cfg.tailorpo.eta_g, cfg.tailorpo.guidance_grad) == (0.05, 0.3, "stopgrad_eps")
+    assert load_config(None, ["algo=ddpo"]).sampler.num_steps == 20  # the 10-step layers are the TailorPO family's
+    t = load_config(None, ["algo=tailorpo"])  # naming an algorithm picks its own layer, not the demo's
+    assert (t.sampler.num_steps, t.tailorpo.tie_eps, t.tailorpo.eta_g, t.tailorpo.guidance_grad) == (
+        10, 0.05, 0.1, "full"
+    )  # fmt: skip
+    assert load_config(REPO / "configs" / "tiny.yaml").algo == "tailorpo"
     assert cfg.lora.target_modules == [
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"
     ]  # fmt: skip
