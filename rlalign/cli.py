@@ -13,7 +13,7 @@ from rlalign import __version__
 
 EXAMPLES = """\
 examples:
-  rlalign train                                   the digits demo (configs/digits.yaml): tailorpo, local Ray
+  rlalign train                                   the digits demo (configs/digits.yaml): tailorpo_g, local Ray
   rlalign train configs/diffusion_dpo_digits.yaml  a config file: only differences from the defaults
   rlalign config configs/tailorpo_sdxl.yaml model.path=/models/sdxl   check a GPU config and the GPUs it asks for
   rlalign train algo=ddpo iterations=5 sampler.num_workers=2
