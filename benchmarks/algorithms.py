@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/algorithms.py --seeds 0 --minutes 2 --algos dde_stepwise,ddpo      # smoke check
 
 Each (algorithm, seed) is one `rlalign train` run in a subprocess with the algorithm's calibrated digits config
-(`configs/<algo>_digits.yaml`; `configs/digits.yaml` + `algo=<algo>` when there is none, i.e. tailorpo, the demo's
-own algorithm), `seed=<seed>`, `time_budget_min=<minutes>`, `unet_rows_budget=<unet_rows>` and
+(`configs/<algo>_digits.yaml`, a link to its layer in rlalign/presets/; `configs/digits.yaml` + `algo=<algo>` for an
+algorithm without one), `seed=<seed>`, `time_budget_min=<minutes>`, `unet_rows_budget=<unet_rows>` and
 `eval.every=<eval_every>`. `--unet-rows` with `--minutes 0` gives every run the same compute whatever the machine's
 load (the table's runs); `--iterations` caps the run instead. Runs go one after another (never in parallel: on 2
 cores they would time each other). Seeds 1, 2, 3 are the table's (docs/benchmarks.md); the configs were tuned on
@@ -175,7 +175,7 @@ def table(results: dict[str, dict[int, list[dict[str, float]]]], grid: list[floa
         for b in grid:
             cells.append(mean_spread([v for p in pts if (v := at_budget(p, b)) is not None]))
         cells.append(mean_spread([p[-1]["judge"] for p in pts]))
-        # against the run's own base: algorithms sample at their own settings (the demo's TailorPO at 10 steps)
+        # against the run's own base: algorithms sample at their own settings (the TailorPO family at 10 steps)
         cells.append(mean_spread([p[-1]["judge"] - p[0]["judge"] for p in pts]))
         cells.append(mean_spread([p[-1]["classifier"] for p in pts]))
         cells.append(f"{statistics.fmean(p[-1]['reward'] for p in pts):.3f}")
