@@ -293,13 +293,16 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 def _parse_overrides(overrides: Sequence[str]) -> Any:
     """`a.b=value` strings -> one OmegaConf layer; a value YAML cannot read is a ConfigError naming its override
     (YAML flow maps need a space after each colon: `reward.models=[{name: digit_prompt, weight: 1.0}]`)."""
-    for override in overrides:
-        try:
-            OmegaConf.from_dotlist([override])
-        except Exception as err:  # yaml's ScannerError/ParserError, OmegaConf's key grammar errors
-            why = " ".join(str(err).split())
-            raise ConfigError(f"{override}: not a valid key=value override ({why})") from None
-    return OmegaConf.from_dotlist(list(overrides))
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception:  # yaml's ScannerError/ParserError, OmegaConf's key grammar errors: find the culprit
+        for override in overrides:
+            try:
+                OmegaConf.from_dotlist([override])
+            except Exception as err:
+                why = " ".join(str(err).split())
+                raise ConfigError(f"{override}: not a valid key=value override ({why})") from None
+        raise
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RunCfg:
