@@ -5,7 +5,8 @@
 Renders the run's held-out set (its eval prompts x `eval.images_per_prompt` seeds from `eval.seed`, exactly what
 the driver's evaluation renders) with a stock `DiffusionPipeline` + `load_lora_weights(ckpt/diffusers_lora)`,
 scores it with the digits classifier and the independent judge, and prints one JSON line and a table next to the
-run's last `eval/*` row from metrics.jsonl. Digits runs only (the accuracies need the embedded classifier).
+run's last `eval/*` row from metrics.jsonl, then the accuracy per prompted digit and what the judge read each digit
+as (where the remaining errors are). Digits runs only (the accuracies need the embedded classifier).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def main() -> None:
     images = render_with_diffusers(
         pipe, batch, num_steps=cfg.sampler.num_steps, eta=cfg.sampler.eta, guidance_scale=cfg.sampler.guidance_scale
     )
-    plain = Evaluator(model_dir).metrics(images, list(batch.prompts))
+    evaluator = Evaluator(model_dir)
+    plain = evaluator.metrics(images, list(batch.prompts))
+    per_digit = evaluator.per_digit(images, list(batch.prompts))
     rows = [r for r in read_metrics(args.run_dir / "metrics.jsonl") if "eval/digit_accuracy" in r]
     ours = rows[-1] if rows else {}
     result = {
@@ -58,12 +61,16 @@ def main() -> None:
         "diffusers": plain,
         "rlalign_last_eval": {k: ours.get(k) for k in plain} | {"iteration": ours.get("iteration")},
         "mean_image": float(np.mean(images)),
+        "per_digit": per_digit,
     }
     print(json.dumps(result))
     print(f"{'metric':<24}{'plain diffusers':>18}{'rlalign eval':>16}")
     for key, value in plain.items():
         theirs = ours.get(key, float("nan"))
         print(f"{key:<24}{value:>18.3f}{theirs:>16.3f}")
+    print(f"\n{'digit':<6}{'n':>4}{'judge':>8}{'classifier':>12}  judge read it as (counts of 0..9)")
+    for digit, row in per_digit.items():
+        print(f"{digit:<6}{row['n']:>4}{row['judge']:>8.2f}{row['classifier']:>12.2f}  {row['judged_as']}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
         adapter_model.safetensors   peft LoRA state (what the learner reloads)
         diffusers_lora/             the same LoRA in diffusers format: pipe.load_lora_weights(this_dir)
         optimizer.pt, learner.json  optimiser, learner RNG, weights version
-        state.json                  iteration, weights version, prompt cursor, reward normaliser state
+        state.json                  iteration, weights version, prompt cursor, running prompt rewards, normaliser state
         config.yaml                 the resolved run config
     runs/<name>/ckpt/latest         text file naming the newest complete checkpoint
 

@@ -288,7 +288,8 @@ class Loop:
         # what a checkpoint may hold: the state after the last completed iteration, never work in flight
         self.inflight = InFlight(max_depth=1)  # rollout requests sent and not yet trained on (async: at most one)
         self._trained = PromptSourceState()  # prompt cursor after the last batch trained on
-        self._done: tuple[int, int, dict[str, Any]] = (-1, 0, {})  # (iteration, weights version, reward stats)
+        # (iteration, weights version, reward stats, running reward per prompt) of the last completed iteration
+        self._done: tuple[int, int, dict[str, Any], dict[str, float]] = (-1, 0, {}, {})
         self._weights: list[Any] = []  # WeightsUpdate refs of the last two broadcasts
         self._resume_sampler_weights: Any = None  # async resume: the LoRA the next in-flight batch was rendered with
         self._reward_retries = 0  # reward calls the samplers sent again while scoring final images (run total)
@@ -304,6 +305,8 @@ class Loop:
         state = ckpt.read_state(path)
         self.version = self.w.learner.load(path)
         self.prompts.state = PromptSourceState(**state["prompts"])
+        if self.prompts.rewards is not None:
+            self.prompts.rewards.load_state_dict(state.get("prompt_rewards", {}))
         if self.offline is not None and "offline" in state:
             self.offline.load_state_dict(state["offline"])
         self.w.rewards.load_state_dict(state.get("reward_stats", {}))
@@ -384,7 +387,7 @@ class Loop:
         cfg = self.cfg
         self._resume()
         self._trained = replace(self.prompts.state)
-        self._done = (self.start_iter - 1, self.version, self.w.rewards.state_dict())
+        self._done = (self.start_iter - 1, self.version, self.w.rewards.state_dict(), self._prompt_rewards())
         self._broadcast()
         result = RunResult(self.run_dir, self.start_iter)
         result.before = self.evaluate(self.start_iter, "before")
@@ -480,6 +483,7 @@ class Loop:
         t_sample = t1 - request.sent_at - max(s.reward_s for s in summaries)
         times = {"sample": t_sample, "reward": t_reward, "learn": t_learn, "sync": self._sync_s, "iteration": elapsed}
         metrics.update(self._step_metrics(it, summaries, scores, lag, times))
+        metrics.update(self._prompt_metrics())
         if offline is not None:
             metrics.update(offline.metrics)
         # one cost axis for every algorithm: U-Net rows of this iteration's sampling (branches and plain images
@@ -489,7 +493,7 @@ class Loop:
         if self.cfg.log.image_every and it % self.cfg.log.image_every == 0:
             self._train_grid(it, summaries, scores, refs)
         self._trained = request.drawn
-        self._done = (it, self.version, self.w.rewards.state_dict())
+        self._done = (it, self.version, self.w.rewards.state_dict(), self._prompt_rewards())
         metrics["driver/bytes_in"] = float(received.take())
         return metrics
 
@@ -510,10 +514,38 @@ class Loop:
         lag = self.version - min(s.policy_version for s in summaries)
         if lag > self.cfg.ray.max_policy_lag:
             raise ActorFailure(f"policy lag {lag} exceeds ray.max_policy_lag={self.cfg.ray.max_policy_lag}")
+        self._observe_prompts(summaries)  # before the next draw, in sync and async mode alike: resumes are exact
         if self._overlaps() and it + 1 < self.cfg.iterations:
             self.inflight.submit(self._request())  # samplers render k+1 while we score and learn k
         self._reward_retries += sum(s.reward_retries for s in summaries)
         return request, summaries, lag
+
+    def _observe_prompts(self, summaries: list[RolloutSummary]) -> None:
+        """prompts.sampling=adaptive: the policy's own reward per prompt: the plain renders of a branching sampler
+        (its final images are searches), else the final images' raw weighted reward."""
+        if self.prompts.rewards is None:
+            return
+        for s in summaries:
+            if s.plain is not None:
+                self.prompts.rewards.observe(s.plain.prompts, s.plain.rewards)
+            elif s.step_valid is None:
+                self.prompts.rewards.observe(s.prompts, self.w.rewards.weighted(s.components))
+
+    def _prompt_metrics(self) -> dict[str, float]:
+        """adaptive: how far the draw leans (the likeliest prompt's probability over uniform's) and the spread of
+        the running rewards it leans by."""
+        tracker = self.prompts.rewards
+        if tracker is None or not tracker.means:
+            return {}
+        means = list(tracker.means.values())
+        return {
+            "prompts/max_over_uniform": float(tracker.probabilities().max() * len(tracker.prompts)),
+            "prompts/reward_min": min(means),
+            "prompts/reward_max": max(means),
+        }
+
+    def _prompt_rewards(self) -> dict[str, float]:
+        return {} if self.prompts.rewards is None else self.prompts.rewards.state_dict()
 
     def _score(self, summaries: list[RolloutSummary]) -> Scores:
         """The learning signal from the samplers' raw components, normalised here: the running statistics are the
@@ -607,7 +639,7 @@ class Loop:
         metrics["cost/unet_rows"] = metrics.get("cost/learner_unet_rows", 0.0)  # nothing is sampled
         metrics["sampler/min_loaded_version"] = float(min(self._broadcast_versions))
         metrics.update(self._faults())
-        self._done = (it, self.version, self.w.rewards.state_dict())
+        self._done = (it, self.version, self.w.rewards.state_dict(), self._prompt_rewards())
         return metrics
 
     def _reward_load(self, seconds: float) -> dict[str, float]:
@@ -648,7 +680,7 @@ class Loop:
         """Checkpoint the state after completed iteration `iteration`: the learner, the prompt cursor of the batches
         trained on (not of those in flight), reward statistics; in async mode also the LoRA the samplers held while
         the learner trained on it, which the next batch is rendered with (so a resumed async run is exact)."""
-        done_it, done_version, reward_stats = self._done
+        done_it, done_version, reward_stats, prompt_rewards = self._done
         if (iteration, self.version) != (done_it, done_version):
             raise RuntimeError(f"checkpoint of iteration {iteration} asked for, but {done_it} is the last completed")
         staged = ckpt.staging_dir(self.run_dir, iteration)
@@ -659,6 +691,8 @@ class Loop:
             "iteration": iteration,
             "weights_version": self.version,
             "prompts": vars(self._trained).copy(),
+            # prompts.sampling=adaptive: the running rewards the next batch is drawn with (rlalign/prompts.py)
+            **({"prompt_rewards": prompt_rewards} if self.prompts.rewards is not None else {}),
             "reward_stats": reward_stats,
             "seed": self.cfg.seed,
             # offline pairs: the stream's position after the last batch trained on (drawn at learn time, so never
@@ -673,7 +707,7 @@ class Loop:
     def _save_quietly(self) -> None:
         """After a failure: checkpoint the last completed iteration, if no checkpoint holds it yet and the learner
         has not moved past it (an update whose iteration did not complete must not be saved as part of it)."""
-        iteration, version, _ = self._done
+        iteration, version, *_ = self._done
         if iteration < self.start_iter or (self.last_ckpt and self.last_ckpt.name == ckpt.checkpoint_name(iteration)):
             return
         if self.version != version:

@@ -20,15 +20,35 @@ class Evaluator:
         self.judge = _train_judge()
 
     def metrics(self, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
-        from reward_servers.digit_prompt import digit_from_prompt
-
-        wanted = np.array([digit_from_prompt(p) for p in prompts])
-        read = np.asarray(self.classifier.predict_digits(images))
-        judged = self.judge.predict(_to_8x8(images))
+        wanted, read, judged = self._reads(images, prompts)
         return {
             "eval/digit_accuracy": float((read == wanted).mean()),
             "eval/judge_accuracy": float((judged == wanted).mean()),
         }
+
+    def per_digit(self, images: np.ndarray, prompts: list[str]) -> dict[int, dict[str, object]]:
+        """Per prompted digit: how many images, the classifier's and the judge's accuracy on them, and what the judge
+        read them as ([10] counts): where a run's remaining errors are (docs/benchmarks.md, the weak digit)."""
+        wanted, read, judged = self._reads(images, prompts)
+        out: dict[int, dict[str, object]] = {}
+        for digit in sorted(set(wanted.tolist())):
+            rows = wanted == digit
+            out[digit] = {
+                "n": int(rows.sum()),
+                "classifier": float((read[rows] == digit).mean()),
+                "judge": float((judged[rows] == digit).mean()),
+                "judged_as": np.bincount(judged[rows], minlength=10).tolist(),
+            }
+        return out
+
+    def _reads(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompted digit, classifier's argmax, judge's prediction), each [B] int64."""
+        from reward_servers.digit_prompt import digit_from_prompt
+
+        wanted = np.array([digit_from_prompt(p) for p in prompts], dtype=np.int64)
+        read = np.asarray(self.classifier.predict_digits(images), dtype=np.int64)
+        judged = np.asarray(self.judge.predict(_to_8x8(images)), dtype=np.int64)
+        return wanted, read, judged
 
 
 def _train_judge():

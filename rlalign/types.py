@@ -52,6 +52,15 @@ class StepPairs:
 
 
 @dataclass(frozen=True)
+class PlainScores:
+    """A branching sampler's plain (unbranched) renders of some of its prompts and their raw weighted reward: what
+    the policy itself earns, where the rollout's own final images are best-of-k searches."""
+
+    prompts: list[str]  # [P]
+    rewards: np.ndarray  # [P] float64
+
+
+@dataclass(frozen=True)
 class Rollout:
     """One sampler call: images plus the denoising trajectory that produced them."""
 
@@ -70,6 +79,8 @@ class Rollout:
     guidance_scale: float
     step_pairs: StepPairs | None = None  # TailorPO / TailorPO-G branching record
     metrics: dict[str, float] = field(default_factory=dict)  # sampler-side diagnostics (seconds, std per step...)
+    # branching samplers: the images rendered again plainly (`sampler.plain_images`), the policy's own reward
+    plain: PlainScores | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -114,6 +125,7 @@ class RolloutSummary:
     metrics: dict[str, float]  # the rollout's sampler-side metrics (Rollout.metrics)
     step_valid: Tensor | None = None  # [B, S] bool: StepPairs.valid (TailorPO), None without branching
     step_reward_gap: Tensor | None = None  # [B, S] float32: StepPairs.reward_w - reward_l
+    plain: PlainScores | None = None  # Rollout.plain
     reward_s: float = 0.0  # seconds the sampler spent scoring its final images
     reward_retries: int = 0  # reward calls of that scoring sent again after a reward actor died
 
@@ -132,6 +144,7 @@ def summarize(rollout: Rollout, components: dict[str, np.ndarray], reward_s: flo
         metrics=dict(rollout.metrics),
         step_valid=None if pairs is None else pairs.valid.clone(),
         step_reward_gap=None if pairs is None else pairs.reward_w - pairs.reward_l,
+        plain=rollout.plain,
         reward_s=reward_s,
         reward_retries=retries,
     )

@@ -32,7 +32,7 @@ from rlalign.config import SamplerCfg
 from rlalign.models.conditioning import unet_eps
 from rlalign.models.loading import DiffusionParts, to_uint8
 from rlalign.sampling.logprob import ddim_mean_std, ddim_step_with_logprob, predicted_x0, prev_timestep
-from rlalign.types import PromptBatch, Rollout, RolloutSummary, StepPairs, WeightsUpdate, summarize
+from rlalign.types import PlainScores, PromptBatch, Rollout, RolloutSummary, StepPairs, WeightsUpdate, summarize
 
 
 class StepScorer(Protocol):
@@ -195,8 +195,11 @@ class Sampler:
             )
         seconds = time.perf_counter() - start
         metrics = {"time/sampler_call_s": seconds, "sampler/images_per_s": len(batch) / max(seconds, 1e-9)}
+        plain = None
         if branching is not None and self.cfg.plain_images > 0:
-            metrics.update(self._plain_reward(batch))
+            plain = self._plain_reward(batch)
+            metrics["plain/weighted/mean"] = float(plain.rewards.mean())
+            metrics["time/sampler_plain_s"] = time.perf_counter() - start - seconds
         metrics["cost/sampler_unet_rows"] = float(self.unet_rows - rows_before)  # summed over samplers per iteration
         metrics.update({f"sampler/std/step_{j:02d}": s for j, s in enumerate(stds)})
         return Rollout(
@@ -214,6 +217,7 @@ class Sampler:
             guidance_scale=self.cfg.guidance_scale,
             step_pairs=step_pairs,
             metrics=metrics,
+            plain=plain,
         )
 
     def generate_scored(self, batch: PromptBatch) -> tuple[RolloutSummary, Rollout]:
@@ -229,18 +233,18 @@ class Sampler:
         summary = summarize(rollout, comps, time.perf_counter() - t0, self.rewards.retries - retries)
         return summary, rollout
 
-    def _plain_reward(self, batch: PromptBatch) -> dict[str, float]:
+    def _plain_reward(self, batch: PromptBatch) -> PlainScores:
         """The policy's own reward next to the search's: `sampler.plain_images` of this batch's images (spread over
-        its prompts) rendered again without branching, from the same seeds, and scored by the same rewards (raw
-        weighted sum, as the candidates are ranked). Their U-Net rows count in this call's cost."""
+        its prompts: with one per group, every prompt gets one) rendered again without branching, from the same
+        seeds, and scored by the same rewards (raw weighted sum, as the candidates are ranked). Their U-Net rows
+        count in this call's cost; `prompts.sampling=adaptive` steers by these rewards (rlalign/prompts.py)."""
         assert self.scorer is not None
         n = min(self.cfg.plain_images, len(batch))
         idx = torch.arange(n) * (len(batch) // n)
         sub = PromptBatch([batch.prompts[i] for i in idx.tolist()], batch.group_ids[idx], batch.seeds[idx])
-        t0 = time.perf_counter()
         plain = self.generate(sub, branch=False)
         scores = np.asarray(self.scorer.score(plain.images, plain.prompts), dtype=np.float64)
-        return {"plain/weighted/mean": float(scores.mean()), "time/sampler_plain_s": time.perf_counter() - t0}
+        return PlainScores(list(plain.prompts), scores)
 
     def _noise(self, gens: list[torch.Generator], k: int) -> Tensor:
         """[k, B, C, h, w] standard normal, drawn per image from its own generator (batch-independent)."""

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from reward_servers.base import RewardServer
+from reward_servers.digit_prompt import digit_from_prompt
 from reward_servers.registry import make_reward
 from rlalign.config import EvalCfg, PromptsCfg, RewardSpec, load_config
-from rlalign.prompts import PromptSource, PromptSourceState, eval_batches, load_prompts
+from rlalign.prompts import PromptRewards, PromptSource, PromptSourceState, eval_batches, load_prompts
 from rlalign.rewards import LocalRewardHandle, RewardError, RewardSet
 from rlalign.types import PromptBatch, Rollout, concat_rollouts
 
@@ -73,6 +74,48 @@ def test_prompt_source_resumes_from_its_state() -> None:
     # wrapping past an epoch reshuffles but keeps going
     many = PromptSource(cfg, 5).next(len(straight.prompts) + 5, 1, 1)[0]
     assert len(many) == len(straight.prompts) + 5
+
+
+def test_prompt_rewards_probabilities_by_hand() -> None:
+    tracker = PromptRewards(["a", "b", "c", "d"], floor=0.5, decay=0.5)
+    np.testing.assert_allclose(tracker.probabilities(), [0.25] * 4)  # nothing seen: uniform
+    tracker.observe(["a", "a", "b", "c"], np.array([1.0, 0.8, 0.9, 0.5]))
+    assert tracker.means == pytest.approx({"a": 0.9, "b": 0.9, "c": 0.5})
+    # gaps to the best mean 0.9: a 0, b 0, c 0.4, d unseen -> the largest seen gap 0.4; sum 0.8
+    np.testing.assert_allclose(tracker.probabilities(), [0.125, 0.125, 0.125 + 0.25, 0.125 + 0.25])
+    tracker.observe(["c", "d"], np.array([0.7, 0.9]))  # c: 0.5 * 0.5 + 0.5 * 0.7 = 0.6; d first seen: 0.9
+    assert tracker.means["c"] == pytest.approx(0.6) and tracker.means["d"] == pytest.approx(0.9)
+    np.testing.assert_allclose(tracker.probabilities(), [0.125, 0.125, 0.625, 0.125])
+    # any scale and offset of the reward gives the same draw
+    shifted = PromptRewards(["a", "b", "c", "d"], floor=0.5, decay=0.5)
+    shifted.load_state_dict({k: 10 * v - 3 for k, v in tracker.state_dict().items()})
+    np.testing.assert_allclose(shifted.probabilities(), tracker.probabilities())
+    equal = PromptRewards(["a", "b"], floor=0.0, decay=0.5)
+    equal.observe(["a", "b"], np.array([0.3, 0.3]))
+    np.testing.assert_allclose(equal.probabilities(), [0.5, 0.5])  # no gap anywhere: uniform
+    with pytest.raises(ValueError, match="2 prompts but 1 rewards"):
+        equal.observe(["a", "b"], np.array([0.3]))
+
+
+def test_adaptive_source_favours_low_reward_prompts_and_resumes_exactly() -> None:
+    cfg = PromptsCfg(sampling="adaptive", adaptive_floor=0.2)
+    src = PromptSource(cfg, 3)
+    hard = [p for p in src.prompts if digit_from_prompt(p) == 8]
+    assert len(hard) == len(src.prompts) // 10
+    first = flat(src.next(8, 1, 2))[0]
+    assert len(set(first)) > 10  # nothing observed yet: spread over the list
+    assert src.rewards is not None
+    src.rewards.observe(src.prompts, np.array([0.1 if p in hard else 0.95 for p in src.prompts]))
+    share = np.mean([p in hard for p in flat(src.next(200, 1, 1))[0]])
+    # expected: 0.2 * (hard / N) + 0.8 * 1 (only the hard prompts have a gap)
+    expected = 0.2 * len(hard) / len(src.prompts) + 0.8
+    assert abs(share - expected) < 0.06
+    # a resumed source (cursor + running rewards) draws exactly what the uninterrupted one draws
+    resumed = PromptSource(cfg, 3)
+    resumed.state = replace(src.state)
+    assert resumed.rewards is not None
+    resumed.rewards.load_state_dict(src.rewards.state_dict())
+    assert flat(resumed.next(5, 2, 2)) == flat(src.next(5, 2, 2))
 
 
 def test_group_ids_are_unique_per_group_across_splits_and_calls() -> None:

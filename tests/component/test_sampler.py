@@ -225,6 +225,10 @@ def test_branching_records_ranked_pairs_and_continues_from_the_winner(tiny_overr
     idx = (torch.arange(n) * (b // n)).tolist()
     expected = scorer.inner.score(plain.images[idx], [batch.prompts[i] for i in idx])
     assert r.metrics["plain/weighted/mean"] == pytest.approx(float(np.mean(expected.astype(np.float64))), abs=1e-6)
+    # ... and the rollout carries them per prompt (what prompts.sampling=adaptive steers by)
+    assert r.plain is not None and r.plain.prompts == [batch.prompts[i] for i in idx]
+    np.testing.assert_allclose(r.plain.rewards, expected, atol=1e-6)
+    assert plain.plain is None
     assert float(np.mean(expected)) != pytest.approx(float(sp.reward_w[:, -1].mean()), abs=1e-4)  # not the search
 
 

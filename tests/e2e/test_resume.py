@@ -3,12 +3,14 @@
 Sync: the losses and the final LoRA are identical (compared exactly). Async: also exact (tolerance 0), because an
 async checkpoint holds the prompt cursor of the batches trained on (not of the batch in flight) and the LoRA the
 samplers held while the learner trained on its iteration, so the resumed run renders its first batch one version
-behind with the same prompts and seeds, as the uninterrupted run did. The resumed run's metrics.jsonl holds every
-training iteration once.
+behind with the same prompts and seeds, as the uninterrupted run did. The async case also draws its prompts
+adaptively (`prompts.sampling=adaptive`): the checkpoint's running reward per prompt makes that draw exact too.
+The resumed run's metrics.jsonl holds every training iteration once.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,13 +31,20 @@ def _train_rows(run_dir: Path) -> list[dict[str, float]]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/total" in r]
 
 
+def _latest(run_dir: Path) -> Path:
+    return run_dir / "ckpt" / (run_dir / "ckpt" / "latest").read_text().strip()
+
+
 def _final_lora(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "ckpt" / (run_dir / "ckpt" / "latest").read_text().strip() / LORA_FILE))
+    return load_file(str(_latest(run_dir) / LORA_FILE))
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_resumed_run_equals_uninterrupted(mode: str, ray_session: None, tiny_overrides: list[str]) -> None:
-    base = ["algo=diffusion_dpo", "sampler.num_workers=2", f"ray.mode={mode}", *tiny_overrides]
+@pytest.mark.parametrize(("mode", "sampling"), [("sync", "uniform"), ("async", "adaptive")])
+def test_resumed_run_equals_uninterrupted(
+    mode: str, sampling: str, ray_session: None, tiny_overrides: list[str]
+) -> None:
+    base = ["algo=diffusion_dpo", "sampler.num_workers=2", f"ray.mode={mode}", f"prompts.sampling={sampling}"]
+    base += tiny_overrides
     full = train(load_config(CONFIG, [*base, f"iterations={N}", "name=full"]), Console(quiet=True)).run_dir
     train(load_config(CONFIG, [*base, f"iterations={N // 2}", "name=half"]), Console(quiet=True))
     resumed = train(
@@ -46,6 +55,10 @@ def test_resumed_run_equals_uninterrupted(mode: str, ray_session: None, tiny_ove
     assert [r["iteration"] for r in rows] == list(range(N))  # continues, nothing duplicated
     assert [r["loss/total"] for r in rows] == [r["loss/total"] for r in ref]
     assert [r["sampler/policy_lag"] for r in rows] == [r["sampler/policy_lag"] for r in ref]
+    state = json.loads((_latest(resumed) / "state.json").read_text())
+    assert ("prompt_rewards" in state) == (sampling == "adaptive")
+    if sampling == "adaptive":  # every prompt trained on so far has a running reward
+        assert len(state["prompt_rewards"]) >= 2
     a, b = _final_lora(resumed), _final_lora(full)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0

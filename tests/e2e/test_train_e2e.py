@@ -14,6 +14,7 @@ from rlalign.config import RunCfg, load_config, summary
 from rlalign.driver import train
 from rlalign.metrics import read_metrics
 from rlalign.models.loading import resolve_model_dir
+from rlalign.prompts import load_prompts
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 BYTES_FRACTION = 2  # driver/bytes_in stays under 1/2 of one iteration's latents (measured: see docs/cluster.md)
@@ -69,6 +70,23 @@ def test_async_mode_overlaps_and_bounds_policy_lag(ray_session: None, tiny_overr
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval/digit_accuracy" in r]
     assert [int(r["iteration"]) for r in evals] == [0, 0, 1, 3]  # before, after iterations 0 and 1, after the run
     assert [r["learner/version"] for r in rows] == [1.0, 2.0, 3.0]
+
+
+def test_adaptive_prompts_steer_by_the_plain_renders_of_a_branching_run(
+    ray_session: None, tiny_overrides: list[str]
+) -> None:
+    """TailorPO's final images are searches: the running reward per prompt comes from the plain renders, one per
+    group here (2 groups of 2 images per sampler, plain_images 2), through the summaries the samplers return."""
+    overrides = ["algo=tailorpo", "sampler.num_workers=2", "prompts.sampling=adaptive", "sampler.plain_images=2"]
+    result = train(load_config(CONFIG, [*overrides, *tiny_overrides]), Console(quiet=True))
+    rows = _train_rows(result.run_dir)
+    assert all(r["prompts/max_over_uniform"] >= 1.0 for r in rows)
+    assert all(0.0 <= r["prompts/reward_min"] <= r["prompts/reward_max"] <= 1.0 for r in rows)
+    state = json.loads((result.run_dir / "ckpt" / "iter_000001" / "state.json").read_text())
+    means = state["prompt_rewards"]
+    # 2 iterations x 2 samplers x 2 groups observed (a prompt drawn twice keeps one running mean)
+    assert 2 <= len(means) <= 8 and set(means) <= set(load_prompts(load_config(CONFIG, tiny_overrides).prompts))
+    assert all(0.0 <= v <= 1.0 for v in means.values())
 
 
 def test_resume_latest_continues_the_run(ray_session: None, tiny_overrides: list[str]) -> None:

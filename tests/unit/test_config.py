@@ -263,6 +263,9 @@ OUT_OF_RANGE = [
     ("model.kind=sd3", "model.kind"),
     ("model.attention=flash", "model.attention"),
     ("prompts.source=web", "prompts.source"),
+    ("prompts.sampling=hardest", "prompts.sampling"),
+    ("prompts.adaptive_floor=1.5", "prompts.adaptive_floor"),
+    ("prompts.adaptive_decay=1", "prompts.adaptive_decay"),
     ("iterations=-1", "iterations"),
     ("time_budget_min=-1", "time_budget_min"),
     ("unet_rows_budget=-1", "unet_rows_budget"),
@@ -324,6 +327,13 @@ def test_out_of_range_values_are_config_errors_naming_the_key(override: str, key
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(f"{key}: "), str(err.value)
+
+
+def test_adaptive_prompts_with_a_branching_algo_need_plain_renders() -> None:
+    # TailorPO's final images are best-of-k searches: the plain renders are its only measure of the policy
+    with pytest.raises(ConfigError, match=r"^sampler\.plain_images: prompts\.sampling=adaptive with tailorpo "):
+        load_config(None, ["algo=tailorpo", "prompts.sampling=adaptive", "sampler.plain_images=0"])
+    load_config(None, ["algo=ddpo", "prompts.sampling=adaptive", "sampler.plain_images=0"])  # its own images do
 
 
 def test_pending_actor_timeout_has_a_default_of_a_minute() -> None:
