@@ -84,9 +84,8 @@ class PromptRewards:
         uniform = np.full(n, 1.0 / n)
         if not self.means:
             return uniform
-        best = max(self.means.values())
-        seen_gaps = [best - m for m in self.means.values()]
-        gaps = np.array([best - self.means[p] if p in self.means else max(seen_gaps) for p in self.prompts])
+        best, worst = max(self.means.values()), min(self.means.values())
+        gaps = np.array([best - self.means.get(p, worst) for p in self.prompts])  # unseen: the largest gap seen
         if gaps.sum() <= 0:
             return uniform
         return self.floor * uniform + (1 - self.floor) * gaps / gaps.sum()
