@@ -280,12 +280,14 @@ class Sampler:
         rows = torch.arange(b)
         r_w, r_l = rewards[w_idx, rows], rewards[l_idx, rows]
         x_w, x_l = cand[w_idx, rows], cand[l_idx, rows]
-        e_next = None if e_c is None else e_c.reshape(k, b, *mean.shape[1:])[w_idx, rows]
+        e_k = None if e_c is None else e_c.reshape(k, b, *mean.shape[1:])
+        e_next = None if e_k is None else e_k[w_idx, rows]
         if cfg.guide and self.scorer.differentiable:
-            x_w = self._guide(cfg, x_w, s, cond, list(batch.prompts), std)
+            e_l = None if e_k is None else e_k[l_idx, rows]
+            x_w = self._guide(cfg, x_w, e_next, s, cond, list(batch.prompts), std)
             e_next = self._eps(x_w, s, cond) if int(s) >= 0 else None  # x moved: its eps must be recomputed
             if cfg.guide_loser:
-                x_l = self._guide(cfg, x_l, s, cond, list(batch.prompts), std, sign=-1.0)
+                x_l = self._guide(cfg, x_l, e_l, s, cond, list(batch.prompts), std, sign=-1.0)
         return x_w, x_l, valid, r_w, r_l, e_next
 
     def _reward_targets(self, target: str, flat: Tensor, e_c: Tensor | None, s: Tensor, cond: Tensor) -> Tensor:
@@ -305,10 +307,19 @@ class Sampler:
         return x
 
     def _guide(
-        self, cfg: BranchCfg, x_w: Tensor, s: Tensor, cond: Tensor, prompts: list[str], std: Tensor, sign: float = 1.0
+        self,
+        cfg: BranchCfg,
+        x_w: Tensor,
+        e_w: Tensor | None,
+        s: Tensor,
+        cond: Tensor,
+        prompts: list[str],
+        std: Tensor,
+        sign: float = 1.0,
     ) -> Tensor:
         """x^+ = x^w + sign * eta_g * normalise(d reward / d x^w), chained through x0-hat and the VAE decoder
-        (docs/algorithms.md section 6)."""
+        (docs/algorithms.md section 6). `e_w` is the guided eps the candidates' scoring already computed at (x^w, s):
+        stopgrad_eps holds it fixed, so it is reused rather than recomputed (2 U-Net rows per image and step saved)."""
 
         assert self.scorer is not None
         x = x_w.detach().requires_grad_(True)
@@ -317,8 +328,8 @@ class Sampler:
                 if cfg.guidance_mode == "full":
                     e = self._eps(x, s, cond)
                 else:
-                    with torch.no_grad():
-                        e = self._eps(x, s, cond)
+                    assert e_w is not None, "stopgrad_eps guidance reuses the candidates' eps"
+                    e = e_w.detach()
                 x0 = predicted_x0(self.parts.scheduler, e, s, x)
             else:
                 x0 = x

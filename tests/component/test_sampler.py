@@ -307,6 +307,37 @@ def test_tailorpo_g_guidance_moves_the_winner_up_the_reward(tiny_overrides: list
     assert gain.mean() > 0 and (gain > 0).float().mean() >= 0.75, gain
 
 
+def test_stopgrad_eps_guidance_reuses_the_candidates_eps(tiny_overrides: list[str]) -> None:
+    """stopgrad_eps: g = d R(decode(x0_hat(x, e))) / d x with e held at the winner's eps, which the candidates'
+    scoring already computed. Step 0's guided winner equals that formula recomputed here from scratch, and every
+    branched step costs k candidates plus the moved winner (2 U-Net rows each, CFG), no third eps."""
+    cfg, _, make_parts = setup_run(tiny_overrides, "tailorpo_g", "tailorpo.guidance_grad=stopgrad_eps")
+    branch = branch_cfg(cfg)
+    assert branch is not None and branch.guide and branch.guidance_mode == "stopgrad_eps"
+    rewards = brightness_rewards()
+    batch = prompt_batch(cfg, groups=2, per_group=2)
+    sampler = Sampler(cfg.sampler, make_parts, branch=branch, scorer=rewards)
+    guided = sampler.generate(batch)
+    plain = Sampler(cfg.sampler, make_parts, branch=replace(branch, guide=False), scorer=rewards).generate(batch)
+    g, p = guided.step_pairs, plain.step_pairs
+    assert g is not None and p is not None
+    parts, w, t0 = make_parts(), cfg.sampler.guidance_scale, guided.timesteps[0]
+    s = prev_timestep(parts.scheduler, t0)
+    x = p.x_w[:, 0].clone().requires_grad_(True)  # step 0's unguided winner: guidance starts from it
+    e = guided_eps(parts, p.x_w[:, 0], s, guided.prompt_embeds, w)  # held fixed: no grad through the U-Net
+    img = parts.decode(predicted_x0(parts.scheduler, e, s, x))
+    (grad,) = torch.autograd.grad(img.mean(dim=(1, 2, 3)).sum(), x)  # brightness = mean pixel
+    sched = parts.scheduler
+    sigma = cfg.sampler.eta * float(sched._get_variance(int(t0), int(s))) ** 0.5
+    want = x.detach() + branch.guidance_step * sigma * grad / grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    torch.testing.assert_close(g.x_w[:, 0], want, rtol=1e-4, atol=1e-5)
+    # rows: the first eps (2B), then per step with a next timestep k candidates (2kB) and the moved winner (2B)
+    n, k, steps = len(batch), branch.num_candidates, cfg.sampler.num_steps
+    plain_rows = cfg.sampler.num_steps * 2 * min(cfg.sampler.plain_images, n)
+    want_rows = 2 * n + (steps - 1) * (2 * k * n + 2 * n) + plain_rows
+    assert guided.metrics["cost/sampler_unet_rows"] == want_rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # weights from the learner
 # ---------------------------------------------------------------------------------------------------------------
