@@ -59,10 +59,11 @@ NICENESS_ENV = "RAY_worker_niceness"  # Ray's own spelling (ray_config_def.h); R
 STAGES = ("sample", "reward", "learn", "sync")  # the driver's time/<stage>_s keys; sync = the LoRA broadcast
 TARGETS = {"async_efficiency": 0.9, "ray_overhead": 0.05, "broadcast_25mb_8_samplers_s": 0.5}
 # the run settings behind --size: tiny is configs/tiny.yaml's batch on the tiny digits build (a smoke run);
-# default is the digits demo's own batch (8 prompts x 4 images, 20 DDIM steps) on the default build
+# default is the digits demo's batch (8 prompts x 4 images, 20 DDIM steps) on one sampler, the default build (the
+# demo splits it over 2 samplers; this benchmark scales samplers itself)
 SIZES = {
     "tiny": ["model.size=tiny", "sampler.prompts_per_worker=2", "sampler.images_per_prompt=2", "sampler.num_steps=4"],
-    "default": ["model.size=default"],
+    "default": ["model.size=default", "sampler.num_workers=1", "sampler.prompts_per_worker=8"],
 }
 RUN = [  # short runs: no mid-run evaluation, image grids or checkpoints inside the timed loop
     "time_budget_min=0",

@@ -56,7 +56,7 @@ def test_train_startup_lines_show_sizes_and_gpus() -> None:
 
     cfg = load_config(None, ["sampler.num_workers=2", "sampler.num_gpus=0.5", "learner.num_gpus=1"])
     head, resources = startup_line(cfg, Path("runs/x")).splitlines()
-    assert "algo=tailorpo" in head and "images_per_iteration=64" in head and "gpus" not in head
+    assert "algo=tailorpo_g" in head and "images_per_iteration=32" in head and "gpus" not in head
     assert resources == "asks Ray for 4 CPUs, 2 GPUs (GPUs: samplers 2 x 0.5 + learner 1 + rewards 0)"
 
 

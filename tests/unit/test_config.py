@@ -30,14 +30,18 @@ def test_defaults_are_the_embedded_digits_run() -> None:
     assert isinstance(cfg, RunCfg)
     assert cfg.model.kind == "digits" and cfg.model.path is None
     assert cfg.reward.models[0].name == "digit_prompt" and len(cfg.reward.models) == 1
-    assert (cfg.name, cfg.algo, cfg.iterations, cfg.time_budget_min) == ("digits", "tailorpo_g", 60, 7.0)
-    assert (cfg.learner.lr, cfg.learner.micro_batch_size) == (3e-3, 32)
+    assert (cfg.name, cfg.algo, cfg.iterations, cfg.time_budget_min) == ("digits", "tailorpo_g", 75, 7.0)
+    assert (cfg.learner.lr, cfg.learner.micro_batch_size, cfg.learner.lr_schedule) == (3e-3, 32, "cosine")
+    # 2 samplers x 4 prompts x 4 images: 32 images per iteration, rendered on both cores
+    assert (cfg.sampler.num_workers, cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt) == (2, 4, 4)
     assert (cfg.sampler.guidance_scale, cfg.sampler.batch_size, cfg.sampler.eta) == (3.0, 64, 1.0)
     # the demo's TailorPO-G layer (rlalign/presets/digits_tailorpo_g.yaml): 10 DDIM steps, step pairs only above a
     # 0.05 gap, the winner moved 0.3 sigma up the reward gradient without U-Net backprop
-    assert (cfg.sampler.prompts_per_worker, cfg.sampler.images_per_prompt, cfg.sampler.num_steps) == (8, 4, 10)
+    assert cfg.sampler.num_steps == 10
     assert (cfg.tailorpo.tie_eps, cfg.tailorpo.eta_g, cfg.tailorpo.guidance_grad) == (0.05, 0.3, "stopgrad_eps")
-    assert load_config(None, ["algo=ddpo"]).sampler.num_steps == 20  # the 10-step layers are the TailorPO family's
+    ddpo = load_config(None, ["algo=ddpo"])
+    assert ddpo.sampler.num_steps == 20  # the 10-step layers are the TailorPO family's
+    assert ddpo.learner.lr_schedule == "constant"  # and so is the cosine lr
     t = load_config(None, ["algo=tailorpo"])  # naming an algorithm picks its own layer, not the demo's
     assert (t.sampler.num_steps, t.tailorpo.tie_eps, t.tailorpo.eta_g, t.tailorpo.guidance_grad) == (
         10, 0.05, 0.1, "full"
@@ -232,10 +236,10 @@ def test_summary_counts_cpus_and_gpus() -> None:
     sizes = summary(cfg)
     # samplers 4 x (1 CPU, 1 GPU) + learner (1 CPU, 1 GPU) + reward (2 CPUs, 0.5 GPU)
     assert (sizes["cpus"], sizes["gpus"]) == (7, 5.5)
-    assert sizes["images_per_iteration"] == 4 * 8 * 4
+    assert sizes["images_per_iteration"] == 4 * 4 * 4  # 4 samplers x the preset's 4 prompts x 4 images
     assert resources_line(cfg) == "asks Ray for 7 CPUs, 5.5 GPUs (GPUs: samplers 4 x 1 + learner 1 + rewards 0.5)"
     demo = summary(load_config())
-    assert (demo["cpus"], demo["gpus"]) == (3, 0) and isinstance(demo["gpus"], int)
+    assert (demo["cpus"], demo["gpus"]) == (4, 0) and isinstance(demo["gpus"], int)  # 2 samplers, learner, reward
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def test_memory_in_custom_resources_is_compared_in_gib() -> None:
 @pytest.mark.parametrize(
     ("overrides", "want"),
     [
-        ((), ["sampler asks 1 CPU", "learner asks 1 CPU", "reward actor asks 1 CPU"]),
+        (("sampler.num_workers=1",), ["sampler asks 1 CPU", "learner asks 1 CPU", "reward actor asks 1 CPU"]),
         (
             ("sampler.num_workers=2", "sampler.num_gpus=0.5", "sampler.resources={node2: 1}", "learner.num_gpus=2"),
             ["each sampler asks 1 CPU, 0.5 GPU, 1 node2", "learner asks 1 CPU, 2 GPUs", "reward actor asks 1 CPU"],
