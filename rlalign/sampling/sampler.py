@@ -283,11 +283,11 @@ class Sampler:
         e_k = None if e_c is None else e_c.reshape(k, b, *mean.shape[1:])
         e_next = None if e_k is None else e_k[w_idx, rows]
         if cfg.guide and self.scorer.differentiable:
-            e_l = None if e_k is None else e_k[l_idx, rows]
+            if cfg.guide_loser:  # before x_w moves: both start from the candidates' eps
+                e_l = None if e_k is None else e_k[l_idx, rows]
+                x_l = self._guide(cfg, x_l, e_l, s, cond, list(batch.prompts), std, sign=-1.0)
             x_w = self._guide(cfg, x_w, e_next, s, cond, list(batch.prompts), std)
             e_next = self._eps(x_w, s, cond) if int(s) >= 0 else None  # x moved: its eps must be recomputed
-            if cfg.guide_loser:
-                x_l = self._guide(cfg, x_l, e_l, s, cond, list(batch.prompts), std, sign=-1.0)
         return x_w, x_l, valid, r_w, r_l, e_next
 
     def _reward_targets(self, target: str, flat: Tensor, e_c: Tensor | None, s: Tensor, cond: Tensor) -> Tensor:
